@@ -1,0 +1,114 @@
+"""Teacher-forced scoring: one batched forward pass gives every single-pass measure of SPEC.
+
+For a sequence x_1..x_T the forward pass yields, at each position t = 1..T, the next-token distribution
+p(. | x_1..x_t). From it:
+
+    MA      = mean_{t=2..T} [argmax p(.|x_<t) == x_t]            (memorization accuracy)
+    loss    = mean_{t=2..T} -log p(x_t|x_<t)
+    zlib    = sum_{t=2..T} -log p(x_t|x_<t) / len(zlib.compress(text))
+    mink    = mean of the lowest 20% of log p(x_t|x_<t)           (Min-K% Prob)
+    minkpp  = mean of the lowest 20% of (log p(x_t) - mu_t) / sigma_t  (Min-K%++)
+    verbatim = all argmax right on the suffix after P = min(prefix_tokens, T // 2) tokens
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model import Runtime
+from ..tokens import length_batches, pad
+
+MIN_K_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per-token results for one sequence of T tokens; arrays of length T-1 describe x_2..x_T."""
+
+    ids: list[int]
+    hits: np.ndarray  # bool: teacher-forced argmax == x_t
+    logprobs: np.ndarray  # log p(x_t | x_<t)
+    minkpp_z: np.ndarray  # (log p(x_t) - mu_t) / sigma_t
+    greedy: np.ndarray  # int: argmax p(. | x_1..x_t) for t = 1..T-1 (greedy[t-1] is the guess for x_{t+1})
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def ma(self) -> float:
+        return float(self.hits.mean())
+
+    @property
+    def loss(self) -> float:
+        return float(-self.logprobs.mean())
+
+    def verbatim(self, prefix_tokens: int) -> bool:
+        prefix = min(prefix_tokens, self.n_tokens // 2)
+        # hits[i] scores token x_{i+2}; the suffix x_{P+1}..x_T is hits[P-1:].
+        return bool(self.hits[max(prefix - 1, 0) :].all())
+
+    def zlib_ratio(self, text: str) -> float:
+        return float(-self.logprobs.sum() / len(zlib.compress(text.encode("utf-8"))))
+
+    @property
+    def mink(self) -> float:
+        return _lowest_mean(self.logprobs)
+
+    @property
+    def minkpp(self) -> float:
+        return _lowest_mean(self.minkpp_z)
+
+
+def _lowest_mean(values: np.ndarray) -> float:
+    k = max(1, math.ceil(MIN_K_FRACTION * len(values)))
+    return float(np.sort(values)[:k].mean())
+
+
+def token_logprobs(model, input_ids: torch.Tensor, mask: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 2..width, shape (batch, width-1); differentiable (used by the losses)."""
+    with runtime.autocast():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def score_tokens(model, token_lists: list[list[int]], runtime: Runtime, batch_size: int = 8,
+                 pad_id: int = 0) -> list[TokenScores]:
+    """Score every sequence with one teacher-forced forward pass per batch (right padding)."""
+    results: list[TokenScores | None] = [None] * len(token_lists)
+    for indices in length_batches(token_lists, batch_size):
+        batch = [token_lists[i] for i in indices]
+        input_ids, mask = pad(batch, pad_id)
+        input_ids, mask = input_ids.to(runtime.device), mask.to(runtime.device)
+        with runtime.autocast():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        for row, index in enumerate(indices):
+            n = len(batch[row])
+            results[index] = _scores_of_row(batch[row], logits[row, : n - 1].float())
+    return results  # type: ignore[return-value]
+
+
+def _scores_of_row(ids: list[int], logits: torch.Tensor) -> TokenScores:
+    """logits: (T-1, V) float32, row t-1 is the distribution over x_{t+1}."""
+    targets = torch.tensor(ids[1:], device=logits.device)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    target_lp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    probs = logprobs.exp()
+    mu = (probs * logprobs).sum(-1)
+    sigma = ((probs * logprobs.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()
+    # torch.argmax returns the first maximal index: ties break to the lowest token id, as SPEC asks.
+    greedy = logits.argmax(-1)
+    return TokenScores(
+        ids=list(ids),
+        hits=(greedy == targets).cpu().numpy(),
+        logprobs=target_lp.cpu().double().numpy(),
+        minkpp_z=((target_lp - mu) / sigma).cpu().double().numpy(),
+        greedy=greedy.cpu().numpy(),
+    )

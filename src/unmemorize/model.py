@@ -1,0 +1,161 @@
+"""Loading and saving models: local folders, hub ids, GGUF files; device, dtype and autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what precision the model runs.
+
+    `weights` is the storage dtype; `compute` is the autocast dtype (None: no autocast). `auto` keeps float32
+    master weights and autocasts matmuls to bf16 where the hardware does it fast; `float32` is exact and is
+    what metric checks use; `bfloat16` also stores the weights in bf16 (half the memory).
+    """
+
+    device: torch.device
+    weights: torch.dtype
+    compute: torch.dtype | None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute)
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "weights": str(self.weights).removeprefix("torch."),
+                "autocast": None if self.compute is None else str(self.compute).removeprefix("torch.")}
+
+
+def _bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def make_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    if device not in DEVICES:
+        raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if dtype == "float32":
+        return Runtime(dev, torch.float32, None)
+    if dtype == "bfloat16":
+        return Runtime(dev, torch.bfloat16, torch.bfloat16)
+    return Runtime(dev, torch.float32, torch.bfloat16 if _bf16_is_fast(dev) else None)
+
+
+def load_model(spec: str | os.PathLike, runtime: Runtime | None = None, *, allow_pickle: bool = False,
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a local folder, a `.gguf` file, or a hub id. The model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    runtime = runtime or make_runtime()
+    spec = str(spec)
+    path = Path(spec)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise InputError(f"model {spec}: GGUF file not found")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    else:
+        where = spec
+        if path.exists() and not path.is_dir():
+            raise InputError(f"model {spec}: expected a model folder, a .gguf file or a hub id")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise InputError(f"model {spec}: folder has no config.json (not a Hugging Face checkpoint)")
+        if path.is_dir() and not allow_pickle and not any(path.glob("*.safetensors")):
+            raise InputError(f"model {spec}: no .safetensors weights (pass --allow-pickle to load pickle "
+                             "weights, only from a source you trust)")
+        if not allow_pickle:
+            kwargs["use_safetensors"] = True
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.weights, **kwargs)
+    except InputError:
+        raise
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError ... for a bad model
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = "" if path.exists() else " (not a local path; the hub could not provide it either)"
+        raise InputError(f"model {spec}: cannot load{hint}: {first}") from None
+    finally:
+        quiet.setLevel(level)
+    if kwargs.get("gguf_file"):
+        _drop_gguf_quantizer(model)
+    model.to(runtime.device)
+    model.eval()
+    return model, tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A GGUF checkpoint is dequantized on load; the marker left behind blocks save_pretrained and training."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def save_checkpoint(model, tokenizer, dest: Path) -> None:
+    """Write a safetensors checkpoint with its tokenizer to `dest` atomically (temporary folder, rename).
+
+    An existing `dest` is replaced only once the new one is complete.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def state_sha256(model) -> str:
+    """Hash of the weights' values (names, dtypes, bytes), independent of file layout."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def folder_sha256(folder: Path) -> str:
+    """Hash of every file in a folder (relative names and bytes): proves a folder was not modified."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
