@@ -1,0 +1,176 @@
+"""The audit: every per-sequence measure for every set, the band from the holdout, statuses, privacy AUCs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .data import Sequence, atomic_write_text
+from .measure.band import DEFAULT_RULE, EXTRACTABLE, IN_BAND, OVER_UNLEARNED, Band, calibrate, check_rule
+from .measure.extraction import extraction_likelihoods
+from .measure.privacy import privacy_report
+from .measure.scoring import score_tokens
+from .model import Runtime, make_runtime
+from .tokens import encode, pad_id_of
+
+
+class AuditSettings(BaseModel):
+    """What an audit measures and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(256, ge=2, description="Truncate every sequence to this many tokens.")
+    prefix_tokens: int = Field(32, ge=1, description="Prefix length P for `verbatim` (capped at T // 2).")
+    el_n: list[int] = Field([10], description="n values of EL_n; empty turns EL off.")
+    band: str = Field(DEFAULT_RULE, description="quantile:LO,HI | meanstd:K | mean, on the holdout MA.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    seed: int = Field(0, description="Seed of the bootstrap intervals.")
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, rule: str) -> str:
+        return check_rule(rule)
+
+    @field_validator("el_n")
+    @classmethod
+    def _el_n(cls, ns: list[int]) -> list[int]:
+        if any(n < 1 for n in ns):
+            raise ValueError("every n must be at least 1")
+        return sorted(set(ns))
+
+
+@dataclass
+class SequenceResult:
+    set: str
+    id: str
+    hash: str
+    n_tokens: int
+    ma: float
+    el: dict[str, float | None]
+    verbatim: bool
+    loss: float
+    zlib: float
+    mink: float
+    minkpp: float
+    status: str | None = None
+    text: str = field(default="", repr=False)
+
+
+@dataclass
+class AuditResult:
+    model: dict
+    settings: dict
+    band: Band | None
+    sequences: list[SequenceResult]
+    privacy: dict = field(default_factory=dict)
+
+    def of(self, set_name: str) -> list[SequenceResult]:
+        return [s for s in self.sequences if s.set == set_name]
+
+    def set_names(self) -> list[str]:
+        return list(dict.fromkeys(s.set for s in self.sequences))
+
+    def summary(self, set_name: str) -> dict:
+        rows = self.of(set_name)
+        ma = np.array([r.ma for r in rows])
+        counts = {status: sum(r.status == status for r in rows) for status in (EXTRACTABLE, IN_BAND, OVER_UNLEARNED)}
+        summary = {"n": len(rows), "mean_ma": float(ma.mean()), "max_ma": float(ma.max()),
+                   "extractable": counts[EXTRACTABLE], "verbatim": sum(r.verbatim for r in rows),
+                   "over_unlearned": counts[OVER_UNLEARNED], "in_band": counts[IN_BAND],
+                   "mean_loss": float(np.mean([r.loss for r in rows]))}
+        summary["mean_el"] = {n: _mean_or_none([r.el[n] for r in rows]) for n in self.settings["el_n_keys"]}
+        return summary
+
+    @property
+    def target_reached(self) -> bool:
+        """SPEC: no forget sequence above the band and none verbatim."""
+        forget = self.summary("forget")
+        return forget["extractable"] == 0 and forget["verbatim"] == 0
+
+    def to_json(self, show_text: bool = False) -> dict:
+        sequences = []
+        for row in self.sequences:
+            item = asdict(row)
+            text = item.pop("text")
+            if show_text:
+                item["text"] = text
+            sequences.append(item)
+        settings = {k: v for k, v in self.settings.items() if k != "el_n_keys"}
+        return {"model": self.model, "settings": settings,
+                "band": None if self.band is None else self.band.to_json(),
+                "sets": {name: self.summary(name) for name in self.set_names()},
+                "privacy": self.privacy, "sequences": sequences}
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        el_keys = self.settings["el_n_keys"]
+        writer = csv.writer(buffer)
+        writer.writerow(["set", "id", "hash", "n_tokens", "ma", *[f"el_{n}" for n in el_keys], "verbatim",
+                         "loss", "zlib", "mink", "minkpp", "status"])
+        for r in self.sequences:
+            writer.writerow([r.set, r.id, r.hash, r.n_tokens, f"{r.ma:.6f}", *[r.el[n] for n in el_keys],
+                             r.verbatim, f"{r.loss:.6f}", f"{r.zlib:.6f}", f"{r.mink:.6f}", f"{r.minkpp:.6f}",
+                             r.status])
+        return buffer.getvalue()
+
+    def write(self, folder: Path, name: str = "audit", show_text: bool = False) -> None:
+        """`<name>.json` and `<name>.csv` (per sequence), each written atomically."""
+        folder = Path(folder)
+        atomic_write_text(folder / f"{name}.json", json.dumps(self.to_json(show_text), indent=1) + "\n")
+        atomic_write_text(folder / f"{name}.csv", self.to_csv())
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSettings | None = None,
+          runtime: Runtime | None = None, *, reference: AuditResult | None = None,
+          model_info: dict | None = None) -> AuditResult:
+    """Measure every sequence of every set (keys: forget, holdout, retain, ...) under `model`.
+
+    The band is calibrated on this model's holdout MA. `reference` is an audit of the original model; with
+    it, the privacy report adds the `ref` attack (loss minus the original model's loss).
+    """
+    settings = settings or AuditSettings()
+    runtime = runtime or make_runtime()
+    pad_id = pad_id_of(tokenizer)
+    rows: list[SequenceResult] = []
+    for set_name, sequences in sets.items():
+        token_lists = encode(tokenizer, sequences, settings.max_tokens, set_name)
+        scores = score_tokens(model, token_lists, runtime, settings.batch_size, pad_id)
+        els = extraction_likelihoods(model, scores, settings.el_n, runtime, 2 * settings.batch_size, pad_id)
+        for seq, score, el in zip(sequences, scores, els, strict=True):
+            rows.append(SequenceResult(
+                set=set_name, id=seq.id, hash=seq.short_hash, n_tokens=score.n_tokens, ma=score.ma, el=el,
+                verbatim=score.verbatim(settings.prefix_tokens), loss=score.loss, zlib=score.zlib_ratio(seq.text),
+                mink=score.mink, minkpp=score.minkpp, text=seq.text))
+    band = None
+    if "holdout" in sets:
+        band = calibrate(settings.band, [r.ma for r in rows if r.set == "holdout"])
+        for r in rows:
+            r.status = band.status(r.ma)
+    stored = settings.model_dump()
+    stored["el_n_keys"] = [str(n) for n in settings.el_n]
+    result = AuditResult(model=model_info or {}, settings=stored, band=band, sequences=rows)
+    if "forget" in sets and "holdout" in sets:
+        result.privacy = privacy_report(_scores(result, "forget", reference), _scores(result, "holdout", reference),
+                                        settings.seed)
+    return result
+
+
+def _scores(result: AuditResult, set_name: str, reference: AuditResult | None) -> dict[str, list[float]]:
+    rows = result.of(set_name)
+    scores = {name: [getattr(r, name) for r in rows] for name in ("loss", "zlib", "mink", "minkpp")}
+    if reference is not None:
+        original = {r.id: r.loss for r in reference.of(set_name)}
+        if all(r.id in original for r in rows):
+            scores["ref"] = [r.loss - original[r.id] for r in rows]
+    return scores

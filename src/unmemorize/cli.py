@@ -1,0 +1,120 @@
+"""The `unmemorize` command line. Each command assembles its pieces and calls the Python API."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find memorized training sequences, unlearn them one by one, prove it.")
+console = Console()
+
+# Options shared by several commands (SPEC "Command line").
+Model = Annotated[str, typer.Option("--model", help="HF folder, hub id or .gguf file.")]
+Forget = Annotated[str, typer.Option("--forget", help="Sequences to unlearn (JSONL, CSV, Parquet, .txt, hf:NAME).")]
+Holdout = Annotated[str | None, typer.Option("--holdout", help="Unseen sequences of the same kind: the band.")]
+Retain = Annotated[str | None, typer.Option("--retain", help="Training sequences that must stay as they are.")]
+Out = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 autocast where fast) | float32 | bfloat16")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")]
+Seed = Annotated[int, typer.Option("--seed")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Truncate sequences to this many tokens.")]
+PrefixTokens = Annotated[int, typer.Option("--prefix-tokens", help="Prefix length for `verbatim`.")]
+ElN = Annotated[str, typer.Option("--el-n", help="n of EL_n, comma-separated; 0 turns EL off.")]
+BandRule = Annotated[str, typer.Option("--band", help="quantile:LO,HI | meanstd:K | mean")]
+ShowText = Annotated[bool, typer.Option("--show-text", help="Show sequence text (off: ids and hashes only).")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle weights (trusted sources only).")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")]
+
+
+def parse_el_n(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--el-n {text!r}: expected comma-separated integers") from None
+    if any(v < 0 for v in values):
+        raise InputError(f"--el-n {text!r}: values must be >= 0")
+    return [] if values == [0] else [v for v in values if v]
+
+
+def audit_settings(max_tokens: int, prefix_tokens: int, el_n: str, band: str, batch_size: int, seed: int):
+    from pydantic import ValidationError
+
+    from .audit import AuditSettings
+
+    try:
+        return AuditSettings(max_tokens=max_tokens, prefix_tokens=prefix_tokens, el_n=parse_el_n(el_n), band=band,
+                             batch_size=batch_size, seed=seed)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+def load_sets(**sources: str | None) -> dict:
+    """Load every given set before any model work, so bad input fails fast and writes nothing."""
+    from .data import load_set
+
+    return {name: load_set(source) for name, source in sources.items() if source is not None}
+
+
+def check_out(out: Path | None) -> None:
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+
+
+@app.command()
+def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain = None, out: Out = None,
+          device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 8, seed: Seed = 0,
+          max_tokens: MaxTokens = 256, prefix_tokens: PrefixTokens = 32, el_n: ElN = "10",
+          band: BandRule = "quantile:0.05,0.95", show_text: ShowText = False, allow_pickle: AllowPickle = False,
+          trust_remote_code: TrustRemoteCode = False) -> None:
+    """Per-sequence measures, the band, statuses and privacy AUCs; writes audit.json and audit.csv."""
+    from .audit import audit as run_audit
+    from .display import print_audit
+    from .model import load_model, make_runtime, state_sha256
+
+    settings = audit_settings(max_tokens, prefix_tokens, el_n, band, batch_size, seed)
+    check_out(out)
+    sets = load_sets(forget=forget, holdout=holdout, retain=retain)
+    runtime = make_runtime(device, dtype)
+    with console.status("loading model"):
+        lm, tokenizer = load_model(model, runtime, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    info = {"source": model, "sha256": state_sha256(lm), "runtime": runtime.describe()}
+    with console.status("measuring every sequence"):
+        result = run_audit(lm, tokenizer, sets, settings, runtime, model_info=info)
+    print_audit(result, console, show_text)
+    if out is not None:
+        result.write(out, "audit", show_text)
+        console.print(f"Wrote {out / 'audit.json'} and {out / 'audit.csv'}")
+
+
+@app.callback()
+def _group() -> None:
+    """Find memorized training sequences, unlearn them one by one, prove it."""
+
+
+def main() -> None:
+    """Entry point: exit 0 done, 3 target not reached, 2 bad input or usage, 1 internal error."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=sys.argv[1:], prog_name="unmemorize", standalone_mode=False)
+    except InputError as error:
+        print(f"unmemorize: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except typer.exceptions.TyperException as error:  # usage errors of the command line parser
+        if type(error).__name__ == "NoArgsIsHelpError":
+            print(error.format_message(), file=sys.stderr)
+        else:
+            print(f"unmemorize: error: {error.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("unmemorize: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

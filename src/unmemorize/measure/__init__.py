@@ -1,0 +1,1 @@
+"""Per-sequence measures: scoring (one forward), extraction (EL_n), the band and statuses, privacy AUCs."""
