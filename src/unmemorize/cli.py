@@ -95,6 +95,136 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
         console.print(f"Wrote {out / 'audit.json'} and {out / 'audit.csv'}")
 
 
+Opt = typer.Option  # unlearn/compare options default to None so a --config file can fill them; flags win
+
+
+@app.command()
+def unlearn(
+    model: Model, forget: Forget, out: Annotated[Path, Opt("--out", help="New run folder.")],
+    holdout: Holdout = None, retain: Retain = None,
+    method: Annotated[str | None, Opt("--method", help="See `unmemorize methods`. [default: sga]")] = None,
+    general: Annotated[str | None, Opt("--general", help="General text for utility [default: Python docs].")] = None,
+    config: Annotated[Path | None, Opt("--config", help="YAML file whose keys are these options.")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue an interrupted run in <out>.partial.")] = False,
+    lr: Annotated[float | None, Opt("--lr", help="Learning rate [default: the method's].")] = None,
+    max_steps: Annotated[int | None, Opt("--max-steps", help="Cap on gradient steps. [default: 200]")] = None,
+    stop: Annotated[str | None, Opt("--stop", help="band | mean | steps [default: band]")] = None,
+    retain_loss: Annotated[str | None, Opt("--retain-loss", help="none | nll | kl [default: the method's]")] = None,
+    retain_weight: Annotated[float | None, Opt("--retain-weight", help="[default: 1.0]")] = None,
+    lora: Annotated[int | None, Opt("--lora", help="LoRA rank; 0 trains the weights. [default: 0]")] = None,
+    mask_fraction: Annotated[float | None, Opt("--mask-fraction", help="Train only this fraction of weights "
+                                               "(largest forget gradient). [default: 0 = all]")] = None,
+    max_utility_drop: Annotated[float | None, Opt("--max-utility-drop", help="[default: 0.10]")] = None,
+    device: Device = "auto", dtype: Dtype = "auto",
+    batch_size: Annotated[int | None, Opt("--batch-size")] = None, seed: Annotated[int | None, Opt("--seed")] = None,
+    max_tokens: Annotated[int | None, Opt("--max-tokens")] = None,
+    prefix_tokens: Annotated[int | None, Opt("--prefix-tokens")] = None,
+    el_n: Annotated[str | None, Opt("--el-n")] = None, band: Annotated[str | None, Opt("--band")] = None,
+    show_text: ShowText = False, allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False,
+) -> int:
+    """Unlearn the forget set; audit before and after; write the run folder. Exit 0 target reached, 3 not."""
+    from .model import make_runtime
+    from .unlearn.run import check_out_folder
+    from .unlearn.run import unlearn as run_unlearn
+
+    flags = {"method": method, "lr": lr, "max_steps": max_steps, "stop": stop, "retain_loss": retain_loss,
+             "retain_weight": retain_weight, "lora": lora, "mask_fraction": mask_fraction,
+             "max_utility_drop": max_utility_drop, "seed": seed, "batch_size": batch_size, "max_tokens": max_tokens,
+             "prefix_tokens": prefix_tokens, "el_n": el_n, "band": band}
+    settings = unlearn_settings(config, flags)
+    check_out_folder(out, resume)
+    sets = load_sets(forget=forget, holdout=holdout, retain=retain)
+    general_set = load_general(general)
+    runtime = make_runtime(device, dtype)
+    result = run_unlearn(model, sets, general_set, settings, runtime, out, resume=resume, show_text=show_text,
+                         load_options={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
+    print_run(result)
+    return 0 if result.target_reached else 3
+
+
+AUDIT_KEYS = ("max_tokens", "prefix_tokens", "el_n", "band", "batch_size", "seed")
+
+
+def unlearn_settings(config: Path | None, flags: dict):
+    """Defaults, then the --config YAML, then the flags given on the command line."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .unlearn.config import UnlearnSettings
+
+    values: dict = {}
+    if config is not None:
+        try:
+            loaded = yaml.safe_load(config.read_text())
+        except FileNotFoundError:
+            raise InputError(f"--config {config}: file not found") from None
+        except yaml.YAMLError as error:
+            raise InputError(f"--config {config}: bad YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise InputError(f"--config {config}: expected a mapping of option names to values")
+        values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if isinstance(values.get("el_n"), str | int):
+        values["el_n"] = parse_el_n(str(values["el_n"]))
+    audit_values = {k: values.pop(k) for k in AUDIT_KEYS if k in values and k != "seed"}
+    if "seed" in values:
+        audit_values["seed"] = values["seed"]
+    try:
+        return UnlearnSettings(**values, audit=audit_settings_from(audit_values))
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = str(first["loc"][0]).replace("_", "-")
+        where = f"--config {config}: " if config is not None and name in {k.replace("_", "-") for k in values} else ""
+        raise InputError(f"{where}--{name}: {first['msg']}") from None
+
+
+def audit_settings_from(values: dict):
+    from pydantic import ValidationError
+
+    from .audit import AuditSettings
+
+    try:
+        return AuditSettings(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+def load_general(source: str | None) -> list:
+    if source is not None:
+        from .data import load_set
+
+        return load_set(source)
+    from .embedded import default_general
+
+    return default_general()
+
+
+def print_run(result) -> None:
+    from .display import run_table
+
+    console.print(run_table([result]))
+    console.print(f"stop: {result.run['stop_reason']}")
+    console.print(f"Wrote {result.out}")
+
+
+@app.command()
+def methods() -> None:
+    """List the unlearning methods."""
+    from rich.table import Table
+
+    from .unlearn.methods import PRESETS
+
+    table = Table(title="Methods (--method)", title_justify="left")
+    for column in ("name", "what it does", "selection", "retain loss", "lr"):
+        table.add_column(column)
+    for preset in PRESETS.values():
+        table.add_row(preset.name, preset.summary, preset.selection, preset.retain_loss, f"{preset.lr:g}")
+    console.print(table)
+    console.print("Any gradient method also takes --retain-loss none|nll|kl, --retain-weight, --lora R, "
+                  "--mask-fraction F, --stop band|mean|steps, --max-steps.")
+
+
 @app.callback()
 def _group() -> None:
     """Find memorized training sequences, unlearn them one by one, prove it."""

@@ -54,3 +54,20 @@ def print_audit(result: AuditResult, console: Console, show_text: bool = False) 
         aucs = "  ".join(f"{k[:-4]} {p[k]:.2f} [{p[k + '_ci'][0]:.2f}, {p[k + '_ci'][1]:.2f}]"
                          for k in p if k.endswith("_auc"))
         console.print(f"Membership AUC forget vs holdout: {aucs}")
+
+
+def run_table(results: list, title: str = "Unlearning runs") -> Table:
+    """One row per run: what the request looks like after, utility, cost."""
+    table = Table(title=title, title_justify="left")
+    for column in ("method", "target", "extractable", "verbatim", "over-unlearned", "retain MA", "general ppl",
+                   "steps", "seconds"):
+        table.add_column(column, justify="left" if column in ("method", "target") else "right")
+    for result in results:
+        run, before, after = result.run, result.before.summary("forget"), result.after.summary("forget")
+        u0, u1 = run["utility"]["before"], run["utility"]["after"]
+        retain = "-" if u0["retain_ma"] is None else f"{u0['retain_ma']:.3f} → {u1['retain_ma']:.3f}"
+        table.add_row(run["method"], "[green]reached[/]" if run["target_reached"] else "[red]not reached[/]",
+                      f"{before['extractable']} → {after['extractable']}", f"{before['verbatim']} → {after['verbatim']}",
+                      str(after["over_unlearned"]), retain, f"{u0['general_ppl']:.2f} → {u1['general_ppl']:.2f}",
+                      str(run["steps"]), f"{run['seconds']:.0f}")
+    return table

@@ -1,0 +1,1 @@
+"""Evaluation around an unlearning run: utility (retain, general text)."""

@@ -1,0 +1,56 @@
+"""Settings of an unlearning run: validated, with the same names as the command-line options."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..audit import AuditSettings
+from ..errors import InputError
+from .methods import PRESETS
+
+
+class UnlearnSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field("sga", description="A name from `unmemorize methods`.")
+    lr: float | None = Field(None, gt=0, description="Learning rate (default: the method's).")
+    max_steps: int = Field(200, ge=0, description="A cap on gradient steps under every stop rule.")
+    stop: Literal["band", "mean", "steps"] = Field("band", description="band: target reached; mean: forget mean "
+                                                   "MA under holdout mean; steps: run --max-steps.")
+    retain_loss: Literal["none", "nll", "kl"] | None = Field(None, description="Retain regularizer "
+                                                             "(default: the method's).")
+    retain_weight: float = Field(1.0, ge=0, description="Weight of the retain regularizer.")
+    retain_batch: int = Field(12, ge=1, description="Retain sequences per step.")
+    lora: int = Field(0, ge=0, description="LoRA rank (0: train the weights themselves); merged on save.")
+    mask_fraction: float = Field(0.0, ge=0, le=1, description="Train only this fraction of weights, those with the "
+                                 "largest forget gradient (0: all).")
+    max_utility_drop: float = Field(0.10, gt=0, description="Stop and restore the best step when retain MA falls "
+                                    "or general perplexity rises by more than this (relative).")
+    recalibrate_every: int = Field(5, ge=1, description="Re-measure the holdout band every this many steps.")
+    guard_every: int = Field(10, ge=1, description="Check utility every this many steps.")
+    checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every this many steps.")
+    tv_epochs: int = Field(4, ge=1, description="ta/tau: epochs of fine-tuning on F that make the task vector.")
+    max_lambda: float = Field(4.0, gt=0, description="ta/tau: the largest lambda the line search tries.")
+    seed: int = 0
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in PRESETS:
+            raise InputError(f"--method {name!r}: unknown; choose one of {', '.join(PRESETS)}")
+        return name
+
+    @property
+    def preset(self):
+        return PRESETS[self.method]
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else self.preset.lr
+
+    @property
+    def retain_kind(self) -> str:
+        return self.retain_loss if self.retain_loss is not None else self.preset.retain_loss

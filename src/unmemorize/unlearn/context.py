@@ -1,0 +1,59 @@
+"""What a method sees at each step: the model, the frozen original, batching and sequence log-probs."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from ..measure.scoring import token_logprobs
+from ..model import Runtime
+from ..tokens import pad
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids of some sequences, with their indices in the set they come from."""
+
+    indices: list[int]
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, token_lists: list[list[int]], indices: list[int], pad_id: int, device: torch.device) -> Batch:
+        input_ids, mask = pad([token_lists[i] for i in indices], pad_id)
+        return cls(list(indices), input_ids.to(device), mask.to(device))
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """Which of the predicted tokens x_2..x_T are real (not padding)."""
+        return self.mask[:, 1:].float()
+
+
+@dataclass
+class Context:
+    model: torch.nn.Module
+    runtime: Runtime
+    pad_id: int
+    forget_ids: list[list[int]]
+    _original: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def original(self) -> torch.nn.Module:
+        """A frozen copy of the model as it was before unlearning, made only for methods that need it."""
+        if self._original is None:
+            raise RuntimeError("the original model was not kept; call keep_original() before training")
+        return self._original
+
+    def keep_original(self) -> None:
+        if self._original is None:
+            self._original = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def token_logprobs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """log p(x_t | x_<t) for t = 2..T, zero on padding; differentiable unless `model` is frozen."""
+        logprobs = token_logprobs(model or self.model, batch.input_ids, batch.mask, self.runtime)
+        return logprobs * batch.target_mask
+
+    def sequence_logprobs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return self.token_logprobs(batch, model).sum(-1)

@@ -1,0 +1,186 @@
+"""The unlearning loop: measure every forget sequence, choose who gets gradient, step, check the stop rule.
+
+Reads top to bottom. Each step:
+  1. score every forget sequence (one batched forward, no gradient): MA and verbatim;
+  2. every `recalibrate_every` steps, and always before declaring the target reached, re-measure the
+     band on the holdout under the *current* model (unlearning moves unseen data too);
+  3. apply the stop rule (band: no forget sequence extractable or verbatim; mean: forget mean MA under the
+     holdout mean; steps: run max_steps);
+  4. select the sequences that get gradient (every one, or only those still above the band or verbatim);
+  5. loss = forget objective + retain_weight * retain regularizer; backward; Adam step;
+  6. log the step to trajectory.jsonl; every `guard_every` steps check utility and keep the best state;
+     every `checkpoint_every` steps write a resumable checkpoint.
+All randomness of a step derives from (seed, step), so a resumed run replays an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..evaluate.utility import utility, utility_drop
+from ..measure.band import EXTRACTABLE, Band, calibrate
+from ..measure.scoring import score_tokens
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import UnlearnSettings
+from .context import Batch, Context
+from .methods import BAND
+from .retain import retain_loss
+
+
+@dataclass
+class TokenSets:
+    forget: list[list[int]]
+    forget_names: list[str]
+    holdout: list[list[int]]
+    retain: list[list[int]] | None
+    general: list[list[int]]
+
+
+@dataclass
+class LoopOutcome:
+    steps: int
+    stop_reason: str
+    band: Band
+    tokens_trained: int
+    restored_step: int | None = None
+
+
+def calibrate_band(ctx: Context, sets: TokenSets, settings: UnlearnSettings) -> tuple[Band, float]:
+    scores = score_tokens(ctx.model, sets.holdout, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
+    ma = [s.ma for s in scores]
+    return calibrate(settings.audit.band, ma), float(np.mean(ma))
+
+
+def blocking(scores, band: Band, prefix_tokens: int) -> list[int]:
+    """Forget sequences that keep the target from being reached: above the band, or verbatim."""
+    return [i for i, s in enumerate(scores) if band.status(s.ma) == EXTRACTABLE or s.verbatim(prefix_tokens)]
+
+
+def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], settings: UnlearnSettings,
+                     sets: TokenSets, work: Path, utility_before: dict, accelerator,
+                     grad_mask: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> LoopOutcome:
+    model, audit = ctx.model, settings.audit
+    optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(0.9, 0.98))  # Jang et al.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ctx.model = model
+    objective.prepare(ctx)
+    if settings.retain_kind == "kl":
+        ctx.keep_original()
+
+    state = load_checkpoint(work, model, optimizer)
+    step = state.get("step", 0)
+    band = Band(**state["band"]) if "band" in state else None
+    holdout_mean = state.get("holdout_mean")
+    best = state.get("best") or {"step": 0, "extractable": None, "weights": snapshot(params)}
+    tokens_trained = state.get("tokens_trained", 0)
+    trajectory = work / "trajectory.jsonl"
+    keep_trajectory(trajectory, step)
+
+    def finish(reason: str, restored: int | None = None) -> LoopOutcome:
+        if accelerator.is_main_process and restored is None:
+            log_step(trajectory, step, None, ma, sets.forget_names, band, above)
+        return LoopOutcome(step, reason, band, tokens_trained, restored)
+
+    while True:
+        scores = score_tokens(model, sets.forget, ctx.runtime, audit.batch_size, ctx.pad_id)
+        fresh = band is None or step % settings.recalibrate_every == 0
+        if fresh:
+            band, holdout_mean = calibrate_band(ctx, sets, settings)
+        above = blocking(scores, band, audit.prefix_tokens)
+        ma = [s.ma for s in scores]
+        if settings.stop == "band" and not above and not fresh:
+            band, holdout_mean = calibrate_band(ctx, sets, settings)  # declare the target only on a fresh band
+            above = blocking(scores, band, audit.prefix_tokens)
+        if settings.stop == "band" and not above:
+            return finish("target reached: no forget sequence above the band or verbatim")
+        if settings.stop == "mean" and float(np.mean(ma)) < holdout_mean:
+            return finish("forget mean MA fell under the holdout mean (aggregate rule)")
+        if step >= settings.max_steps:
+            return finish(f"max steps ({settings.max_steps}) reached")
+        active = above if settings.preset.selection == BAND else list(range(len(sets.forget)))
+        if not active:
+            return finish("no forget sequence above the band: nothing left to unlearn")
+
+        # --- one gradient step -------------------------------------------------------------------------
+        shard = active[accelerator.process_index :: accelerator.num_processes]
+        weight = 1.0 if shard else 0.0  # a rank with nothing to do still joins the gradient all-reduce
+        forget_batch = Batch.of(sets.forget, shard or active[:1], ctx.pad_id, ctx.runtime.device)
+        retain_batch = sample_retain(sets, settings, step, ctx)
+        forget_loss = objective.loss(ctx, forget_batch, retain_batch) * weight
+        loss = forget_loss
+        retain_value = None
+        if settings.retain_kind != "none" and retain_batch is not None:
+            retain_value = retain_loss(settings.retain_kind, ctx, retain_batch)
+            loss = loss + settings.retain_weight * retain_value
+        if not torch.isfinite(loss):
+            restore(params, best["weights"])
+            return finish(f"loss diverged ({float(loss)}) at step {step}; restored step {best['step']}", best["step"])
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if grad_mask:
+            for param, mask in grad_mask.items():
+                if param.grad is not None:
+                    param.grad.mul_(mask)
+        optimizer.step()
+        tokens_trained += int(forget_batch.mask.sum()) + (int(retain_batch.mask.sum()) if retain_batch else 0)
+        if accelerator.is_main_process:
+            log_step(trajectory, step, float(loss), ma, sets.forget_names, band, active,
+                     forget_loss=float(forget_loss), retain_loss=None if retain_value is None else float(retain_value))
+        step += 1
+
+        if step % settings.guard_every == 0:
+            now = utility(model, sets.retain, sets.general, ctx.runtime, audit.batch_size, ctx.pad_id)
+            drop = utility_drop(utility_before, now)
+            if drop > settings.max_utility_drop:
+                restore(params, best["weights"])
+                return finish(f"utility guard: utility fell {drop:.1%} (limit {settings.max_utility_drop:.0%}) "
+                              f"at step {step}; restored step {best['step']}", best["step"])
+            extractable = len(above)
+            if best["extractable"] is None or extractable <= best["extractable"]:
+                best = {"step": step, "extractable": extractable, "weights": snapshot(params)}
+        if step % settings.checkpoint_every == 0 and accelerator.is_main_process:
+            save_checkpoint(work, model, optimizer, {"step": step, "band": band.__dict__, "holdout_mean": holdout_mean,
+                                                     "best": best, "tokens_trained": tokens_trained})
+
+
+def sample_retain(sets: TokenSets, settings: UnlearnSettings, step: int, ctx: Context) -> Batch | None:
+    """A retain batch drawn from a generator seeded by (seed, step): the same batch on a resumed run."""
+    if not sets.retain:
+        return None
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    count = min(settings.retain_batch, len(sets.retain))
+    indices = torch.randperm(len(sets.retain), generator=generator)[:count].tolist()
+    return Batch.of(sets.retain, indices, ctx.pad_id, ctx.runtime.device)
+
+
+def snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def restore(params: list[torch.nn.Parameter], weights: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for param, value in zip(params, weights, strict=True):
+            param.copy_(value)
+
+
+def log_step(path: Path, step: int, loss: float | None, ma: list[float], names: list[str], band: Band,
+             active: list[int], **extra) -> None:
+    """One trajectory line: after `step` updates, the MA of every forget sequence, the band, which sequences
+    got gradient and the loss of the update taken from there (null on the last line: the run stopped)."""
+    line = {"step": step, "loss": loss, **extra, "ma": {names[i]: round(v, 6) for i, v in enumerate(ma)},
+            "active": [names[i] for i in active], "band": [band.lower, band.upper]}
+    with path.open("a") as out:
+        out.write(json.dumps(line) + "\n")
+
+
+def keep_trajectory(path: Path, step: int) -> None:
+    """On resume, drop the lines a killed run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+    path.write_text("".join(f"{line}\n" for line in lines))

@@ -1,0 +1,232 @@
+"""An unlearning run, start to finish: audit before, unlearn, audit after, utility, outputs.
+
+The run works in `<out>.partial/` (checkpoints, trajectory) and renames it to `<out>` only when complete,
+so `--out` is never half-written; `--resume` continues from the last checkpoint in `<out>.partial/`.
+The input model is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..audit import AuditResult, audit
+from ..data import Sequence, atomic_write_text
+from ..errors import InputError
+from ..evaluate.utility import utility
+from ..measure.band import Band
+from ..model import Runtime, load_model, save_checkpoint, state_sha256
+from ..tokens import encode, pad_id_of
+from .config import UnlearnSettings
+from .context import Batch, Context
+from .loop import LoopOutcome, TokenSets, blocking, calibrate_band, gradient_unlearn
+from .methods import BAND, build_objective
+from .methods.task_vector import apply, line_search, task_vector
+
+
+@dataclass
+class RunResult:
+    out: Path
+    before: AuditResult
+    after: AuditResult
+    run: dict
+
+    @property
+    def target_reached(self) -> bool:
+        return self.run["target_reached"]
+
+
+def work_folder(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def check_out_folder(out: Path, resume: bool) -> Path:
+    work = work_folder(out)
+    if out.exists():
+        raise InputError(f"--out {out}: already exists; choose a new folder (a run never overwrites one)")
+    if resume and not work.exists():
+        raise InputError(f"--resume: no interrupted run to resume at {work}")
+    if work.exists() and not resume:
+        raise InputError(f"--out {out}: an interrupted run is in {work}; pass --resume to continue it or remove it")
+    return work
+
+
+def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequence], settings: UnlearnSettings,
+            runtime: Runtime, out: Path, *, resume: bool = False, load_options: dict | None = None,
+            show_text: bool = False) -> RunResult:
+    """Unlearn `sets["forget"]` from the model at `model_spec`; write the run folder `out`."""
+    from accelerate import Accelerator
+
+    if "holdout" not in sets:
+        raise InputError("unlearn needs --holdout: the band of 'looks unseen' is calibrated on it")
+    out = Path(out)
+    work = check_out_folder(out, resume)
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    torch.manual_seed(settings.seed)
+    model, tokenizer = load_model(model_spec, runtime, **(load_options or {}))
+    pad_id = pad_id_of(tokenizer)
+    max_tokens = settings.audit.max_tokens
+    tokens = TokenSets(
+        forget=encode(tokenizer, sets["forget"], max_tokens, "forget"),
+        forget_names=[s.id for s in sets["forget"]],
+        holdout=encode(tokenizer, sets["holdout"], max_tokens, "holdout"),
+        retain=encode(tokenizer, sets["retain"], max_tokens, "retain") if "retain" in sets else None,
+        general=encode(tokenizer, general, max_tokens, "general"),
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    settings_json = settings.model_dump(mode="json")
+    recorded = work / "settings.json"
+    if resume and json.loads(recorded.read_text()) != {"model": model_spec, **settings_json}:
+        raise InputError(f"--resume: the settings differ from those of the interrupted run in {work}")
+    recorded.write_text(json.dumps({"model": model_spec, **settings_json}))
+
+    input_hash = state_sha256(model)
+    info = {"source": model_spec, "sha256": input_hash, "runtime": runtime.describe()}
+    tick = time.perf_counter()
+    before = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info)
+    utility_before = utility(model, tokens.retain, tokens.general, runtime, settings.audit.batch_size, pad_id)
+    phases["audit_before"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+    ctx = Context(model=model, runtime=runtime, pad_id=pad_id, forget_ids=tokens.forget)
+    preset = settings.preset
+    outcome, lam = None, None
+    if preset.objective != "task_vector":
+        objective = build_objective(preset, tokenizer)
+        ctx.model, params, grad_mask = trainable(model, objective, settings, ctx, tokens)
+        outcome = gradient_unlearn(ctx, objective, params, settings, tokens, work, utility_before, accelerator,
+                                   grad_mask)
+        model = merge(accelerator.unwrap_model(ctx.model))
+        ctx.model = model
+    if preset.objective == "task_vector" or settings.method == "sgatau":
+        lam, outcome = task_vector_unlearn(ctx, settings, tokens, outcome)
+    phases["unlearn"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    info = {"source": str(out / "model"), "sha256": state_sha256(model), "runtime": runtime.describe()}
+    after = audit(model, tokenizer, sets, settings.audit, runtime, reference=before, model_info=info)
+    utility_after = utility(model, tokens.retain, tokens.general, runtime, settings.audit.batch_size, pad_id)
+    phases["audit_after"] = time.perf_counter() - tick
+
+    run = {
+        "method": settings.method, "settings": settings_json, "tool_version": __version__,
+        "input_model": {"source": model_spec, "sha256": input_hash},
+        "steps": outcome.steps, "lambda": lam, "seconds": time.perf_counter() - started, "phase_seconds": phases,
+        "tokens_trained": outcome.tokens_trained, "peak_memory_mb": peak_memory_mb(),
+        "target_reached": after.target_reached, "stop_reason": outcome.stop_reason,
+        "restored_step": outcome.restored_step,
+        "forget": {"extractable_before": before.summary("forget")["extractable"],
+                   "extractable_after": after.summary("forget")["extractable"],
+                   "verbatim_after": after.summary("forget")["verbatim"],
+                   "over_unlearned_after": after.summary("forget")["over_unlearned"]},
+        "utility": {"before": utility_before, "after": utility_after},
+    }
+    tick = time.perf_counter()
+    save_checkpoint(model, tokenizer, work / "model")
+    before.write(work, "before", show_text)
+    after.write(work, "after", show_text)
+    run["phase_seconds"]["save"] = time.perf_counter() - tick
+    atomic_write_text(work / "run.json", json.dumps(run, indent=1) + "\n")
+    shutil.rmtree(work / "checkpoint", ignore_errors=True)
+    work.rename(out)
+    return RunResult(out, before, after, run)
+
+
+def trainable(model, objective, settings: UnlearnSettings, ctx: Context, tokens: TokenSets):
+    """(model, the parameters to train, gradient masks): LoRA adapters, a method's own subset, or all,
+    optionally restricted to the fraction of weights with the largest forget gradient (localization)."""
+    if settings.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=settings.lora, lora_alpha=2 * settings.lora, lora_dropout=0.0,
+                                                 target_modules="all-linear"))
+        ctx.model = model
+    chosen = objective.trainable(model) if hasattr(objective, "trainable") and not settings.lora else None
+    if chosen is not None:
+        keep = {id(p) for p in chosen}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in keep)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_mask = forget_gradient_mask(ctx, objective, params, tokens, settings) if settings.mask_fraction else None
+    return model, params, grad_mask
+
+
+def forget_gradient_mask(ctx: Context, objective, params, tokens: TokenSets, settings: UnlearnSettings):
+    """1 for the `mask_fraction` of weights with the largest |d forget loss / d w|, 0 elsewhere."""
+    objective.prepare(ctx)
+    batch = Batch.of(tokens.forget, list(range(len(tokens.forget))), ctx.pad_id, ctx.runtime.device)
+    ctx.model.zero_grad(set_to_none=True)
+    objective.loss(ctx, batch, None).backward()
+    magnitudes = torch.cat([p.grad.abs().flatten() for p in params if p.grad is not None])
+    keep = max(1, int(settings.mask_fraction * magnitudes.numel()))
+    threshold = torch.topk(magnitudes, keep, sorted=False).values.min()
+    masks = {p: (p.grad.abs() >= threshold).to(p.dtype) for p in params if p.grad is not None}
+    ctx.model.zero_grad(set_to_none=True)
+    return masks
+
+
+def merge(model):
+    """Fold LoRA adapters into the weights so the saved checkpoint is a plain model."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSets,
+                        previous: LoopOutcome | None) -> tuple[float | None, LoopOutcome]:
+    """ta / tau (and the tau half of sgatau): subtract lambda x task vector, lambda line-searched."""
+    audit_settings = settings.audit
+    band, holdout_mean = calibrate_band(ctx, tokens, settings)
+    scores = score(ctx, tokens.forget, settings)
+    chosen = blocking(scores, band, audit_settings.prefix_tokens) if settings.preset.selection == BAND else \
+        list(range(len(tokens.forget)))
+    steps = previous.steps if previous else 0
+    trained = previous.tokens_trained if previous else 0
+    if not chosen:
+        return None, LoopOutcome(steps, "target reached before the task vector: nothing to subtract", band, trained)
+    params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
+    original = {n: p.detach().clone() for n, p in params.items()}
+    vector = task_vector(ctx, params, [tokens.forget[i] for i in chosen], epochs=settings.tv_epochs,
+                         lr=settings.learning_rate, batch_size=audit_settings.batch_size, seed=settings.seed)
+    trained += sum(len(tokens.forget[i]) for i in chosen) * settings.tv_epochs
+
+    def reached(lam: float) -> bool:
+        nonlocal band
+        apply(params, original, vector, lam)
+        band, mean = calibrate_band(ctx, tokens, settings)
+        ma_scores = score(ctx, tokens.forget, settings)
+        if settings.stop == "mean":
+            return float(np.mean([s.ma for s in ma_scores])) < mean
+        return not blocking(ma_scores, band, audit_settings.prefix_tokens)
+
+    lam = line_search(reached, settings.max_lambda)
+    final = settings.max_lambda if lam is None else lam
+    reached(final)
+    reason = (f"lambda {final:.3f}: smallest that meets the stop rule" if lam is not None else
+              f"even lambda {final} (--max-lambda) does not meet the stop rule")
+    if previous:
+        reason = f"{previous.stop_reason}; then tau: {reason}"
+    return final, LoopOutcome(steps, reason, band, trained)
+
+
+def score(ctx: Context, token_lists, settings: UnlearnSettings):
+    from ..measure.scoring import score_tokens
+
+    return score_tokens(ctx.model, token_lists, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+__all__ = ["Band", "RunResult", "unlearn"]
