@@ -209,6 +209,18 @@ def print_run(result) -> None:
 
 
 @app.command()
+def demo(out: Annotated[Path, Opt("--out", help="Demo folder.")] = Path("unmemorize-demo"),
+         oracle: Annotated[bool, Opt("--oracle", help="Also build the oracle (victim without the request).")] = False,
+         device: Device = "auto", dtype: Dtype = "auto") -> None:
+    """The main job on the embedded default: victim, audit, unlearn (sga vs the aggregate rule), compare."""
+    from .demo import run_demo
+    from .model import make_runtime
+
+    check_out(out)
+    run_demo(out, make_runtime(device, dtype), console, oracle=oracle)
+
+
+@app.command()
 def methods() -> None:
     """List the unlearning methods."""
     from rich.table import Table

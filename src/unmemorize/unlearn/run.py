@@ -7,6 +7,7 @@ The input model is only read.
 
 from __future__ import annotations
 
+import atexit
 import json
 import resource
 import shutil
@@ -61,14 +62,25 @@ def check_out_folder(out: Path, resume: bool) -> Path:
 
 def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequence], settings: UnlearnSettings,
             runtime: Runtime, out: Path, *, resume: bool = False, load_options: dict | None = None,
-            show_text: bool = False) -> RunResult:
-    """Unlearn `sets["forget"]` from the model at `model_spec`; write the run folder `out`."""
+            show_text: bool = False, before: AuditResult | None = None) -> RunResult:
+    """Unlearn `sets["forget"]` from the model at `model_spec`; write the run folder `out`.
+
+    `before` may hold an audit the caller already made of this model with these sets and settings (the demo
+    audits once for several runs); it is checked against the model's hash.
+    """
     from accelerate import Accelerator
 
     if "holdout" not in sets:
         raise InputError("unlearn needs --holdout: the band of 'looks unseen' is calibrated on it")
+    # First, so that under torchrun / accelerate launch each process is on its own device before the model
+    # loads. Every process computes the same thing on its shard; only the main process writes files.
+    accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+    main = accelerator.is_main_process
+    if accelerator.num_processes > 1:
+        end_process_group_at_exit()
     out = Path(out)
     work = check_out_folder(out, resume)
+    accelerator.wait_for_everyone()  # every process checked the folders before the main one creates them
     started = time.perf_counter()
     phases: dict[str, float] = {}
     torch.manual_seed(settings.seed)
@@ -82,22 +94,24 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         retain=encode(tokenizer, sets["retain"], max_tokens, "retain") if "retain" in sets else None,
         general=encode(tokenizer, general, max_tokens, "general"),
     )
-    work.mkdir(parents=True, exist_ok=True)
     settings_json = settings.model_dump(mode="json")
     recorded = work / "settings.json"
     if resume and json.loads(recorded.read_text()) != {"model": model_spec, **settings_json}:
         raise InputError(f"--resume: the settings differ from those of the interrupted run in {work}")
-    recorded.write_text(json.dumps({"model": model_spec, **settings_json}))
+    if main and not resume:
+        work.mkdir(parents=True)
+        recorded.write_text(json.dumps({"model": model_spec, **settings_json}))
+    accelerator.wait_for_everyone()
 
     input_hash = state_sha256(model)
     info = {"source": model_spec, "sha256": input_hash, "runtime": runtime.describe()}
     tick = time.perf_counter()
-    before = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info)
+    if before is None or before.model.get("sha256") != input_hash or before.settings["el_n"] != settings.audit.el_n:
+        before = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info)
     utility_before = utility(model, tokens.retain, tokens.general, runtime, settings.audit.batch_size, pad_id)
     phases["audit_before"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     ctx = Context(model=model, runtime=runtime, pad_id=pad_id, forget_ids=tokens.forget)
     preset = settings.preset
     outcome, lam = None, None
@@ -132,14 +146,41 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         "utility": {"before": utility_before, "after": utility_after},
     }
     tick = time.perf_counter()
-    save_checkpoint(model, tokenizer, work / "model")
-    before.write(work, "before", show_text)
-    after.write(work, "after", show_text)
-    run["phase_seconds"]["save"] = time.perf_counter() - tick
-    atomic_write_text(work / "run.json", json.dumps(run, indent=1) + "\n")
-    shutil.rmtree(work / "checkpoint", ignore_errors=True)
-    work.rename(out)
+    if main:
+        save_checkpoint(model, tokenizer, work / "model")
+        before.write(work, "before", show_text)
+        after.write(work, "after", show_text)
+        run["phase_seconds"]["save"] = time.perf_counter() - tick
+        atomic_write_text(work / "run.json", json.dumps(run, indent=1) + "\n")
+        shutil.rmtree(work / "checkpoint", ignore_errors=True)
+        work.rename(out)
+    accelerator.wait_for_everyone()  # no process returns before the run folder is complete
+    _process_group["finished"] = True
     return RunResult(out, before, after, run)
+
+
+_process_group = {"registered": False, "finished": False}
+
+
+def end_process_group_at_exit() -> None:
+    """Destroy the torch.distributed process group before the interpreter shuts down: left to interpreter
+    teardown, gloo sometimes aborts the process at exit. Registered once; later runs in the same process
+    (compare) reuse the group."""
+    _process_group["finished"] = False
+    if not _process_group["registered"]:
+        atexit.register(destroy_process_group)
+        _process_group["registered"] = True
+
+
+def destroy_process_group() -> None:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if _process_group["finished"]:
+        # After a complete run, leave together: torchrun stops the other processes as soon as one exits
+        # non-zero (exit 3, target not reached), so a process that lags behind would be killed. Not after a
+        # failure: the other processes may be inside another collective.
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def trainable(model, objective, settings: UnlearnSettings, ctx: Context, tokens: TokenSets):
