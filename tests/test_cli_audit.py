@@ -78,7 +78,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny, tmp_path, args
     assert not out.exists()
 
 
-@pytest.mark.parametrize("kind", ["missing", "no_config", "pickle_only", "broken_weights", "file"])
+@pytest.mark.parametrize("kind", ["missing", "no_config", "pickle_only", "broken_weights", "file", "hub_id"])
 def test_bad_model_exits_2_with_one_line(tiny, tmp_path, kind):
     model = tmp_path / "model"
     if kind == "no_config":
@@ -95,7 +95,11 @@ def test_bad_model_exits_2_with_one_line(tiny, tmp_path, kind):
     elif kind == "file":
         model = tmp_path / "model.txt"
         model.write_text("x")
-    result = run_cli("audit", "--model", model, "--forget", tiny["files"]["forget"], "--out", tmp_path / "out")
+    elif kind == "hub_id":
+        model = "no-such-org/no-such-model"  # the real hub code path; offline here, so it must fail cleanly
+    env = {"HF_HUB_OFFLINE": "1"}
+    result = run_cli("audit", "--model", model, "--forget", tiny["files"]["forget"], "--out", tmp_path / "out",
+                     env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"unmemorize: error: model {model}") and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()

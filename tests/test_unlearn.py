@@ -137,7 +137,7 @@ def test_mask_fraction_changes_only_that_fraction_of_weights(tiny, general, tmp_
     original, _ = load_model(tiny["model"], RUNTIME)
     unlearned, _ = load_model(tmp_path / "out" / "model", RUNTIME)
     changed = total = 0
-    for (name, a), b in zip(original.named_parameters(), unlearned.parameters(), strict=True):
+    for a, b in zip(original.parameters(), unlearned.parameters(), strict=True):
         changed += int((a != b).sum())
         total += a.numel()
     assert 0 < changed <= 0.05 * total + 1

@@ -67,7 +67,8 @@ def run_table(results: list, title: str = "Unlearning runs") -> Table:
         u0, u1 = run["utility"]["before"], run["utility"]["after"]
         retain = "-" if u0["retain_ma"] is None else f"{u0['retain_ma']:.3f} → {u1['retain_ma']:.3f}"
         table.add_row(run["method"], "[green]reached[/]" if run["target_reached"] else "[red]not reached[/]",
-                      f"{before['extractable']} → {after['extractable']}", f"{before['verbatim']} → {after['verbatim']}",
+                      f"{before['extractable']} → {after['extractable']}",
+                      f"{before['verbatim']} → {after['verbatim']}",
                       str(after["over_unlearned"]), retain, f"{u0['general_ppl']:.2f} → {u1['general_ppl']:.2f}",
                       str(run["steps"]), f"{run['seconds']:.0f}")
     return table

@@ -46,7 +46,8 @@ def divergence_points(scores: TokenScores, last_prefix: int) -> list[int]:
     return sorted(needed)
 
 
-def assemble(ids: list[int], greedy: list[int], decoded: dict[int, list[int]], last_prefix: int) -> dict[int, list[int]]:
+def assemble(ids: list[int], greedy: list[int], decoded: dict[int, list[int]],
+             last_prefix: int) -> dict[int, list[int]]:
     """Continuations of prefixes 1..last_prefix from the decoded divergence points, back to front."""
     total = len(ids)
     continuation: list[int] = []  # continuation of the prefix of length s, built for s = T-1 down to 1

@@ -225,7 +225,7 @@ def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSe
                         previous: LoopOutcome | None) -> tuple[float | None, LoopOutcome]:
     """ta / tau (and the tau half of sgatau): subtract lambda x task vector, lambda line-searched."""
     audit_settings = settings.audit
-    band, holdout_mean = calibrate_band(ctx, tokens, settings)
+    band, _ = calibrate_band(ctx, tokens, settings)
     scores = score(ctx, tokens.forget, settings)
     chosen = blocking(scores, band, audit_settings.prefix_tokens) if settings.preset.selection == BAND else \
         list(range(len(tokens.forget)))
