@@ -201,8 +201,12 @@ def load_general(source: str | None) -> list:
 
 
 def print_run(result) -> None:
+    import os
+
     from .display import run_table
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only the main process reports
+        return
     console.print(run_table([result]))
     console.print(f"stop: {result.run['stop_reason']}")
     console.print(f"Wrote {result.out}")

@@ -16,6 +16,7 @@ All randomness of a step derives from (seed, step), so a resumed run replays an 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import UnlearnSettings
 from .context import Batch, Context
 from .methods import BAND
+from .methods.ascent import Ascent
+from .methods.rmu import RMU
 from .retain import retain_loss
 
 
@@ -66,11 +69,11 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
                      grad_mask: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> LoopOutcome:
     model, audit = ctx.model, settings.audit
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(0.9, 0.98))  # Jang et al.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ctx.model = model
-    objective.prepare(ctx)
+    objective.prepare(ctx)  # on the plain model: a frozen copy of a DDP wrapper cannot be made
     if settings.retain_kind == "kl":
         ctx.keep_original()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ctx.model = model
 
     state = load_checkpoint(work, model, optimizer)
     step = state.get("step", 0)
@@ -79,11 +82,12 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
     best = state.get("best") or {"step": 0, "extractable": None, "weights": snapshot(params)}
     tokens_trained = state.get("tokens_trained", 0)
     trajectory = work / "trajectory.jsonl"
-    keep_trajectory(trajectory, step)
+    if accelerator.is_main_process:
+        keep_trajectory(trajectory, step)
 
     def finish(reason: str, restored: int | None = None) -> LoopOutcome:
         if accelerator.is_main_process and restored is None:
-            log_step(trajectory, step, None, ma, sets.forget_names, band, above)
+            log_step(trajectory, step, None, ma, sets.forget_names, band, above, holdout_mean=holdout_mean)
         return LoopOutcome(step, reason, band, tokens_trained, restored)
 
     while True:
@@ -107,19 +111,25 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
             return finish("no forget sequence above the band: nothing left to unlearn")
 
         # --- one gradient step -------------------------------------------------------------------------
+        # Data parallel: each rank takes a shard of the active sequences (the same retain batch on every rank);
+        # a rank with nothing to do still joins the gradient all-reduce with weight 0.
         shard = active[accelerator.process_index :: accelerator.num_processes]
-        weight = 1.0 if shard else 0.0  # a rank with nothing to do still joins the gradient all-reduce
         forget_batch = Batch.of(sets.forget, shard or active[:1], ctx.pad_id, ctx.runtime.device)
         retain_batch = sample_retain(sets, settings, step, ctx)
-        forget_loss = objective.loss(ctx, forget_batch, retain_batch) * weight
+        forget_loss = objective.loss(ctx, forget_batch, retain_batch)
+        forget_share, forget_value, forget_tokens = shard_totals(accelerator, objective, forget_batch, forget_loss,
+                                                                 bool(shard))
+        forget_loss = forget_loss * forget_share
         loss = forget_loss
+        loss_value = forget_value
         retain_value = None
         if settings.retain_kind != "none" and retain_batch is not None:
             retain_value = retain_loss(settings.retain_kind, ctx, retain_batch)
             loss = loss + settings.retain_weight * retain_value
-        if not torch.isfinite(loss):
+            loss_value += settings.retain_weight * float(retain_value.detach())
+        if not math.isfinite(loss_value):  # the same value on every rank: all stop together
             restore(params, best["weights"])
-            return finish(f"loss diverged ({float(loss)}) at step {step}; restored step {best['step']}", best["step"])
+            return finish(f"loss diverged ({loss_value}) at step {step}; restored step {best['step']}", best["step"])
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if grad_mask:
@@ -127,10 +137,11 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
                 if param.grad is not None:
                     param.grad.mul_(mask)
         optimizer.step()
-        tokens_trained += int(forget_batch.mask.sum()) + (int(retain_batch.mask.sum()) if retain_batch else 0)
+        tokens_trained += forget_tokens + (int(retain_batch.mask.sum()) if retain_batch else 0)
         if accelerator.is_main_process:
-            log_step(trajectory, step, float(loss), ma, sets.forget_names, band, active,
-                     forget_loss=float(forget_loss), retain_loss=None if retain_value is None else float(retain_value))
+            log_step(trajectory, step, loss_value, ma, sets.forget_names, band, active, forget_loss=forget_value,
+                     holdout_mean=holdout_mean,
+                     retain_loss=None if retain_value is None else float(retain_value.detach()))
         step += 1
 
         if step % settings.guard_every == 0:
@@ -146,6 +157,32 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
         if step % settings.checkpoint_every == 0 and accelerator.is_main_process:
             save_checkpoint(work, model, optimizer, {"step": step, "band": band.__dict__, "holdout_mean": holdout_mean,
                                                      "best": best, "tokens_trained": tokens_trained})
+
+
+def loss_units(objective, batch: Batch) -> float:
+    """What the forget loss averages over in `batch`: predicted tokens for ascent, tokens for RMU, sequences
+    for the others (NPO is a mean over sequences; IdK's refusal has the same length for every sequence)."""
+    if isinstance(objective, Ascent):
+        return float(batch.target_mask.sum())
+    if isinstance(objective, RMU):
+        return float(batch.mask.sum())
+    return float(len(batch.indices))
+
+
+def shard_totals(accelerator, objective, batch: Batch, loss: torch.Tensor, has_shard: bool) -> tuple[float, float, int]:
+    """(this rank's loss multiplier, the forget loss over every rank's shard, forget tokens over every rank).
+
+    DDP averages gradients over the W ranks, so a rank holding u of the U units the loss averages over
+    scales its mean by W * u / U: the averaged gradient is then that of the mean over all U units, as in one
+    process. With one process the multiplier is exactly 1.
+    """
+    units = loss_units(objective, batch) if has_shard else 0.0
+    weighted = units * float(loss.detach()) if has_shard else 0.0
+    tokens = float(batch.mask.sum()) if has_shard else 0.0
+    local = torch.tensor([units, weighted, tokens], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, "sum") if accelerator.num_processes > 1 else local
+    all_units, weighted, tokens = (float(v) for v in total.cpu())
+    return accelerator.num_processes * units / all_units, weighted / all_units, int(tokens)
 
 
 def sample_retain(sets: TokenSets, settings: UnlearnSettings, step: int, ctx: Context) -> Batch | None:

@@ -29,6 +29,7 @@ class RMUConfig:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     base = getattr(model, "base_model", model)
     inner = getattr(base, "model", base)
     inner = getattr(inner, "model", inner) if not hasattr(inner, "layers") else inner
