@@ -21,6 +21,7 @@ import torch
 
 from unmemorize import embedded
 from unmemorize.audit import AuditSettings, audit
+from unmemorize.demo import RETAIN_GENERAL_CHUNKS
 from unmemorize.model import load_model, make_runtime, state_sha256
 from unmemorize.unlearn.config import UnlearnSettings
 from unmemorize.unlearn.methods import PRESETS
@@ -37,12 +38,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--extra", default="{}", help="JSON of settings applied to every method")
     parser.add_argument("--out", type=Path, default=None, help="keep the run folders here")
+    parser.add_argument("--retain-general", type=int, default=RETAIN_GENERAL_CHUNKS,
+                        help="documentation chunks of the victim's training data added to the retain set (as the demo)")
     args = parser.parse_args()
 
     runtime = make_runtime("cpu", args.dtype)
     victim = embedded.victim_checkpoint(runtime)
     data = embedded.demo_data(embedded.RECIPE["data_seed"])
-    sets = {"forget": data.forget, "holdout": data.holdout, "retain": data.retain}
+    sets = {"forget": data.forget, "holdout": data.holdout,
+            "retain": data.retain + data.general_train[: args.retain_general]}
     audit_settings = AuditSettings(el_n=[])  # EL does not decide anything here; the final audit is what counts
     model, tokenizer = load_model(victim, runtime)
     before = audit(model, tokenizer, sets, audit_settings, runtime,
@@ -51,7 +55,8 @@ def main() -> None:
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__},"
           f" {torch.get_num_threads()} threads, runtime {runtime.describe()}")
     print(f"# victim: {victim}; request {len(data.forget)} records, retain {len(data.retain)}, "
-          f"holdout {len(data.holdout)}; max steps {args.max_steps}; extra {args.extra}")
+          f"holdout {len(data.holdout)}; retain +{args.retain_general} doc chunks; max steps {args.max_steps}; "
+          f"extra {args.extra}")
     f = before.summary("forget")
     print(f"# before: extractable {f['extractable']}/{f['n']}, verbatim {f['verbatim']}\n")
     print("| method | target | steps | seconds | extractable | verbatim | over-unlearned | retain MA | general ppl |"

@@ -22,6 +22,11 @@ from .model import Runtime, load_model, state_sha256
 from .unlearn.config import UnlearnSettings
 from .unlearn.run import unlearn
 
+# How many of the documentation chunks the victim was fine-tuned on join the retain set: the retain set is
+# "training data that must stay as it is", and keeping some general text in it is what holds general-text
+# perplexity while the records are unlearned (records alone kept retain MA but let perplexity rise ~55%).
+RETAIN_GENERAL_CHUNKS = 48
+
 # The two runs of the demo; the settings are the ones measured to meet the utility targets (docs/methods.md).
 DEMO_RUNS = {
     "sga": {"method": "sga", "stop": "band", "retain_loss": "nll", "lr": 2e-5, "max_steps": 150},
@@ -37,11 +42,12 @@ def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False
     victim = embedded.victim_checkpoint(runtime)
     oracle_path = embedded.victim_checkpoint(runtime, oracle=True) if oracle else None
     data = embedded.demo_data(embedded.RECIPE["data_seed"])
+    sets = {"forget": data.forget, "holdout": data.holdout,
+            "retain": data.retain + data.general_train[:RETAIN_GENERAL_CHUNKS]}
     files = {}
-    for name in ("forget", "retain", "holdout", "general"):
+    for name, sequences in {**sets, "general": data.general}.items():
         files[name] = out / "data" / f"{name}.jsonl"
-        write_jsonl(files[name], getattr(data, name))
-    sets = {"forget": data.forget, "holdout": data.holdout, "retain": data.retain}
+        write_jsonl(files[name], sequences)
 
     settings = AuditSettings()
     with console.status("auditing the victim: every sequence of the request, retain and holdout"):
