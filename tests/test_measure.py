@@ -145,3 +145,14 @@ def test_privacy_report_on_the_tiny_model(tiny_audit):
     assert privacy["loss_auc"] > 0.9  # the forget set is trained on: the attack sees it
     assert privacy["umia_auc"] == max(privacy["loss_auc"], 1 - privacy["loss_auc"])
     assert privacy["roc"]["loss"]["tpr"][-1] == 1.0
+
+
+def test_el_can_be_limited_to_some_sets(tiny, tiny_loaded, tiny_audit):
+    model, tokenizer, runtime = tiny_loaded
+    settings = AuditSettings(el_n=[3], prefix_tokens=8, el_sets=["forget"])
+    result = audit(model, tokenizer, tiny["sets"], settings, runtime)
+    assert all(r.el == {} for r in result.of("holdout"))
+    full = {r.id: r.el["3"] for r in tiny_audit.of("forget")}
+    assert {r.id: r.el["3"] for r in result.of("forget")} == full
+    assert result.summary("holdout")["mean_el"] == {"3": None}
+    assert "el_3" in result.to_csv().splitlines()[0]

@@ -28,6 +28,8 @@ class AuditSettings(BaseModel):
     max_tokens: int = Field(256, ge=2, description="Truncate every sequence to this many tokens.")
     prefix_tokens: int = Field(32, ge=1, description="Prefix length P for `verbatim` (capped at T // 2).")
     el_n: list[int] = Field([10], description="n values of EL_n; empty turns EL off.")
+    el_sets: list[str] | None = Field(None, description="Sets that get EL (None: every set). EL costs most on "
+                                      "unmemorized text, where every prefix diverges and must be decoded.")
     band: str = Field(DEFAULT_RULE, description="quantile:LO,HI | meanstd:K | mean, on the holdout MA.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
@@ -84,7 +86,7 @@ class AuditResult:
                    "extractable": counts[EXTRACTABLE], "verbatim": sum(r.verbatim for r in rows),
                    "over_unlearned": counts[OVER_UNLEARNED], "in_band": counts[IN_BAND],
                    "mean_loss": float(np.mean([r.loss for r in rows]))}
-        summary["mean_el"] = {n: _mean_or_none([r.el[n] for r in rows]) for n in self.settings["el_n_keys"]}
+        summary["mean_el"] = {n: _mean_or_none([r.el.get(n) for r in rows]) for n in self.settings["el_n_keys"]}
         return summary
 
     @property
@@ -114,7 +116,7 @@ class AuditResult:
         writer.writerow(["set", "id", "hash", "n_tokens", "ma", *[f"el_{n}" for n in el_keys], "verbatim",
                          "loss", "zlib", "mink", "minkpp", "status"])
         for r in self.sequences:
-            writer.writerow([r.set, r.id, r.hash, r.n_tokens, f"{r.ma:.6f}", *[r.el[n] for n in el_keys],
+            writer.writerow([r.set, r.id, r.hash, r.n_tokens, f"{r.ma:.6f}", *[r.el.get(n) for n in el_keys],
                              r.verbatim, f"{r.loss:.6f}", f"{r.zlib:.6f}", f"{r.mink:.6f}", f"{r.minkpp:.6f}",
                              r.status])
         return buffer.getvalue()
@@ -146,7 +148,8 @@ def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSett
     for set_name, sequences in sets.items():
         token_lists = encode(tokenizer, sequences, settings.max_tokens, set_name)
         scores = score_tokens(model, token_lists, runtime, settings.batch_size, pad_id)
-        els = extraction_likelihoods(model, scores, settings.el_n, runtime, 2 * settings.batch_size, pad_id)
+        ns = settings.el_n if settings.el_sets is None or set_name in settings.el_sets else []
+        els = extraction_likelihoods(model, scores, ns, runtime, 2 * settings.batch_size, pad_id)
         for seq, score, el in zip(sequences, scores, els, strict=True):
             rows.append(SequenceResult(
                 set=set_name, id=seq.id, hash=seq.short_hash, n_tokens=score.n_tokens, ma=score.ma, el=el,

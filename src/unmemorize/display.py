@@ -21,7 +21,7 @@ def audit_table(result: AuditResult, sets: tuple[str, ...] = ("forget",), show_t
     for row in result.sequences:
         if row.set not in sets:
             continue
-        els = ["-" if row.el[n] is None else f"{row.el[n]:.2f}" for n in el_keys]
+        els = ["-" if row.el.get(n) is None else f"{row.el[n]:.2f}" for n in el_keys]
         cells = [row.set, row.id, row.hash, str(row.n_tokens), f"{row.ma:.3f}", *els,
                  "yes" if row.verbatim else "no", f"{row.loss:.3f}",
                  f"[{STATUS_STYLE[row.status]}]{row.status or '-'}[/]"]
