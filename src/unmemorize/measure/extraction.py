@@ -72,6 +72,14 @@ def greedy_continue(model, prompts: list[list[int]], new_tokens: list[int], runt
     outputs: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-new_tokens[i], -len(prompts[i])))
     order = [i for i in order if new_tokens[i] > 0]
+    # One autocast region for all decoding: autocast caches its bf16 copies of the weights only within a
+    # region, and re-casting every weight for each one-token step would cost more than the step itself.
+    with runtime.autocast():
+        _decode(model, prompts, new_tokens, order, outputs, runtime, batch_size, pad_id)
+    return outputs
+
+
+def _decode(model, prompts, new_tokens, order, outputs, runtime: Runtime, batch_size: int, pad_id: int) -> None:
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         input_ids, mask = pad([prompts[i] for i in rows], pad_id, left=True)
@@ -79,9 +87,8 @@ def greedy_continue(model, prompts: list[list[int]], new_tokens: list[int], runt
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         past = None
         for _ in range(max(new_tokens[i] for i in rows)):
-            with runtime.autocast():
-                out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=past, use_cache=True)
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                        use_cache=True)
             past = out.past_key_values
             next_tokens = out.logits[:, -1].float().argmax(-1)  # first maximum: ties go to the lowest id
             for row, index in enumerate(rows):
@@ -90,7 +97,6 @@ def greedy_continue(model, prompts: list[list[int]], new_tokens: list[int], runt
             input_ids = next_tokens[:, None]
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
-    return outputs
 
 
 def extraction_likelihoods(model, scores: list[TokenScores], ns: list[int], runtime: Runtime,
