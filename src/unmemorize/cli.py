@@ -13,7 +13,8 @@ from .errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find memorized training sequences, unlearn them one by one, prove it.")
-console = Console()
+# Piped or logged output gets a fixed, wide layout instead of Rich's 80-column fallback.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 # Options shared by several commands (SPEC "Command line").
 Model = Annotated[str, typer.Option("--model", help="HF folder, hub id or .gguf file.")]
