@@ -23,7 +23,7 @@ from ..audit import AuditResult, audit
 from ..data import Sequence, atomic_write_text
 from ..errors import InputError
 from ..evaluate.utility import utility
-from ..measure.band import Band
+from ..measure.scoring import score_tokens
 from ..model import Runtime, load_model, save_checkpoint, state_sha256
 from ..tokens import encode, pad_id_of
 from .config import UnlearnSettings
@@ -259,8 +259,6 @@ def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSe
 
 
 def score(ctx: Context, token_lists, settings: UnlearnSettings):
-    from ..measure.scoring import score_tokens
-
     return score_tokens(ctx.model, token_lists, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
 
 
@@ -270,4 +268,4 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-__all__ = ["Band", "RunResult", "unlearn"]
+__all__ = ["RunResult", "unlearn"]
