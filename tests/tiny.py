@@ -53,8 +53,11 @@ def tiny_sets(seed: int = 0) -> dict[str, list[Sequence]]:
     }
 
 
-def build_tiny_model(folder: Path, seed: int = 0, epochs: int = 12) -> dict[str, list[Sequence]]:
-    """Train the tiny model on forget + retain (forget f0-f3 eight times) and save it to `folder`."""
+def build_tiny_model(folder: Path, seed: int = 0, epochs: int = 12, oracle: bool = False) -> dict[str, list[Sequence]]:
+    """Train the tiny model on forget + retain (forget f0-f3 eight times) and save it to `folder`.
+
+    `oracle=True` trains the same recipe without the forget set: what exact unlearning would give.
+    """
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
     config = LlamaConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=64, intermediate_size=128,
@@ -64,6 +67,8 @@ def build_tiny_model(folder: Path, seed: int = 0, epochs: int = 12) -> dict[str,
     model = LlamaForCausalLM(config)
     sets = tiny_sets(seed)
     train = sets["forget"][:4] * 8 + sets["forget"][4:] + sets["retain"] * 3
+    if oracle:
+        train = sets["retain"] * 3
     runtime = make_runtime("cpu", "float32")
     ids = encode(tokenizer, train, 256)
     finetune(model, ids, epochs=epochs, lr=3e-3, batch_size=8, seed=seed, runtime=runtime, pad_id=0,

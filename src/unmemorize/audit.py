@@ -71,6 +71,7 @@ class AuditResult:
     band: Band | None
     sequences: list[SequenceResult]
     privacy: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # evaluations beside the audit: "oracle", "attacks", "decoding"
 
     def of(self, set_name: str) -> list[SequenceResult]:
         return [s for s in self.sequences if s.set == set_name]
@@ -107,7 +108,7 @@ class AuditResult:
         return {"model": self.model, "settings": settings,
                 "band": None if self.band is None else self.band.to_json(),
                 "sets": {name: self.summary(name) for name in self.set_names()},
-                "privacy": self.privacy, "sequences": sequences}
+                "privacy": self.privacy, **self.extra, "sequences": sequences}
 
     def to_csv(self) -> str:
         buffer = io.StringIO()

@@ -33,6 +33,12 @@ BandRule = Annotated[str, typer.Option("--band", help="quantile:LO,HI | meanstd:
 ShowText = Annotated[bool, typer.Option("--show-text", help="Show sequence text (off: ids and hashes only).")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle weights (trusted sources only).")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")]
+Oracle = Annotated[str | None, typer.Option("--oracle", help="A model trained without the forget set: forget "
+                                            "quality, privleak, its own statuses.")]
+Decoding = Annotated[str | None, typer.Option("--decoding", help="Audit through a decoding-time guard that leaves "
+                                              "the weights unchanged: dpd:LAMBDA | filter:N")]
+Tasks = Annotated[str | None, typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated "
+                                           "(unmemorize_pyfacts ships offline).")]
 
 
 def parse_el_n(text: str) -> list[int]:
@@ -75,52 +81,156 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
           device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 8, seed: Seed = 0,
           max_tokens: MaxTokens = 256, prefix_tokens: PrefixTokens = 32, el_n: ElN = "10",
           band: BandRule = "quantile:0.05,0.95", show_text: ShowText = False, allow_pickle: AllowPickle = False,
-          trust_remote_code: TrustRemoteCode = False) -> None:
+          trust_remote_code: TrustRemoteCode = False, oracle: Oracle = None, decoding: Decoding = None) -> None:
     """Per-sequence measures, the band, statuses and privacy AUCs; writes audit.json and audit.csv."""
     from .audit import audit as run_audit
-    from .display import print_audit
-    from .model import load_model, make_runtime, state_sha256
+    from .display import print_audit, print_oracle
+    from .evaluate.suite import audit_oracle, evaluate_audit
+    from .model import make_runtime
 
     settings = audit_settings(max_tokens, prefix_tokens, el_n, band, batch_size, seed)
     check_out(out)
+    decoding_spec = parse_decoding_option(decoding)
     sets = load_sets(forget=forget, holdout=holdout, retain=retain)
+    if oracle is not None and "holdout" not in sets:
+        raise InputError("--oracle needs --holdout: the comparison uses both sets' statuses and AUCs")
     runtime = make_runtime(device, dtype)
-    with console.status("loading model"):
-        lm, tokenizer = load_model(model, runtime, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    info = {"source": model, "sha256": state_sha256(lm), "runtime": runtime.describe()}
+    load_options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    lm, tokenizer, info, wrap = load_measured_model(model, runtime, load_options, decoding_spec, sets, settings)
     with console.status("measuring every sequence"):
-        result = run_audit(lm, tokenizer, sets, settings, runtime, model_info=info)
+        measured = wrap(lm) if wrap else lm
+        result = run_audit(measured, tokenizer, sets, settings, runtime, model_info=info)
+        if decoding_spec is not None:
+            result.extra["decoding"] = info["decoding"]
+        oracle_audit = audit_oracle(oracle, sets, settings, runtime, load_options) if oracle else None
+        evaluate_audit(result, measured, tokenizer, sets, settings, runtime, oracle_audit=oracle_audit)
     print_audit(result, console, show_text)
+    print_oracle(result, console)
     if out is not None:
         result.write(out, "audit", show_text)
         console.print(f"Wrote {out / 'audit.json'} and {out / 'audit.csv'}")
 
 
-Opt = typer.Option  # unlearn/compare options default to None so a --config file can fill them; flags win
+def parse_decoding_option(decoding: str | None):
+    if decoding is None:
+        return None
+    from .unlearn.decoding import parse_decoding
+
+    return parse_decoding(decoding)
+
+
+def load_measured_model(model: str, runtime, load_options: dict, decoding_spec, sets: dict, settings):
+    """(model, tokenizer, model info, wrap): `wrap` puts a decoding guard around a model (weights unchanged),
+    None without --decoding. Attacks that change weights change the inner model and wrap it again."""
+    from .model import load_model, state_sha256
+
+    with console.status("loading model"):
+        lm, tokenizer = load_model(model, runtime, **load_options)
+    info = {"source": model, "sha256": state_sha256(lm), "runtime": runtime.describe()}
+    wrap = None
+    if decoding_spec is not None:
+        from .tokens import encode
+        from .unlearn.decoding import describe, guard
+
+        forget_ids = encode(tokenizer, sets["forget"], settings.max_tokens, "forget")
+        wrap = lambda inner: guard(inner, decoding_spec, forget_ids)  # noqa: E731
+        info["decoding"] = describe(decoding_spec)
+    return lm, tokenizer, info, wrap
+
+
+@app.command()
+def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("--holdout", help="Unseen sequences "
+                                                                            "of the same kind: the band.")],
+           out: Annotated[Path, typer.Option("--out", help="Output folder (attack.json).")],
+           retain: Retain = None,
+           attacks: Annotated[str, typer.Option("--attacks", help="Comma-separated: sampling, prefix, relearn, "
+                                                "quantize_8bit, quantize_4bit.")] =
+           "sampling,prefix,relearn,quantize_8bit,quantize_4bit",
+           samples: Annotated[int, typer.Option("--samples", help="sampling: samples per prefix.")] = 8,
+           temperature: Annotated[float, typer.Option("--temperature", help="sampling temperature.")] = 1.0,
+           top_k: Annotated[int, typer.Option("--top-k", help="sampling: top-k.")] = 40,
+           relearn_on: Annotated[str, typer.Option("--relearn-on", help="forget (half of it) | retain")] = "forget",
+           decoding: Decoding = None,
+           device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 8, seed: Seed = 0,
+           max_tokens: MaxTokens = 256, prefix_tokens: PrefixTokens = 32, band: BandRule = "quantile:0.05,0.95",
+           allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False) -> None:
+    """Robustness attacks on a (unlearned) model: does memorization come back? Writes attack.json."""
+    import json
+
+    from pydantic import ValidationError
+
+    from .audit import audit as run_audit
+    from .data import atomic_write_text
+    from .display import attack_table
+    from .evaluate.attacks import AttackSettings, run_attacks
+    from .model import make_runtime
+
+    settings = audit_settings(max_tokens, prefix_tokens, "0", band, batch_size, seed)
+    try:
+        attack_settings = AttackSettings(attacks=[a.strip() for a in attacks.split(",") if a.strip()],
+                                         samples=samples, temperature=temperature, top_k=top_k,
+                                         relearn_on=relearn_on, seed=seed)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    check_out(out)
+    decoding_spec = parse_decoding_option(decoding)
+    sets = load_sets(forget=forget, holdout=holdout, retain=retain)
+    if attack_settings.relearn_on == "retain" and "relearn" in attack_settings.attacks and "retain" not in sets:
+        raise InputError("--relearn-on retain needs --retain")
+    runtime = make_runtime(device, dtype)
+    load_options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    lm, tokenizer, info, wrap = load_measured_model(model, runtime, load_options, decoding_spec, sets, settings)
+    with console.status("auditing the model without attack"):
+        baseline = run_audit(wrap(lm) if wrap else lm, tokenizer, sets, settings, runtime, model_info=info)
+    with console.status("attacking"):
+        results = run_attacks(lm, tokenizer, sets, settings, runtime, attack_settings, baseline=baseline, wrap=wrap)
+    report = {"model": info, "settings": {"audit": settings.model_dump(), "attacks": attack_settings.model_dump()},
+              "baseline": {"band": baseline.band.to_json(), "forget": baseline.summary("forget")}, **results}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "attack.json", json.dumps(report, indent=1) + "\n")
+    console.print(attack_table(results, baseline))
+    console.print(f"Wrote {out / 'attack.json'}")
+
+
+
+# Options of unlearn and compare. They default to None so a --config file can fill them; flags win.
+Opt = typer.Option
+Lr = Annotated[float | None, Opt("--lr", help="Learning rate [default: the method's].")]
+MaxSteps = Annotated[int | None, Opt("--max-steps", help="Cap on gradient steps. [default: 200]")]
+Stop = Annotated[str | None, Opt("--stop", help="band | mean | steps [default: band]")]
+RetainLoss = Annotated[str | None, Opt("--retain-loss", help="none | nll | kl [default: the method's]")]
+RetainWeight = Annotated[float | None, Opt("--retain-weight", help="[default: 1.0]")]
+Lora = Annotated[int | None, Opt("--lora", help="LoRA rank; 0 trains the weights. [default: 0]")]
+MaskFraction = Annotated[float | None, Opt("--mask-fraction", help="Train only this fraction of weights (largest "
+                                           "forget gradient). [default: 0 = all]")]
+MaxUtilityDrop = Annotated[float | None, Opt("--max-utility-drop", help="[default: 0.10]")]
+General = Annotated[str | None, Opt("--general", help="General text for utility [default: Python docs].")]
+Config = Annotated[Path | None, Opt("--config", help="YAML file whose keys are these options.")]
+Attacks = Annotated[bool | None, Opt("--attacks", help="Run the robustness attacks on the unlearned model.")]
+MaybeInt = Annotated[int | None, Opt()]
+MaybeStr = Annotated[str | None, Opt()]
+SETTING_KEYS = ("method", "lr", "max_steps", "stop", "retain_loss", "retain_weight", "lora", "mask_fraction",
+                "max_utility_drop", "seed", "batch_size", "max_tokens", "prefix_tokens", "el_n", "band", "oracle",
+                "attacks", "tasks")
 
 
 @app.command()
 def unlearn(
-    model: Model, forget: Forget, out: Annotated[Path, Opt("--out", help="New run folder.")],
+    forget: Forget, out: Annotated[Path, Opt("--out", help="New run folder.")],
+    model: Annotated[str | None, Opt("--model", help="HF folder, hub id or .gguf file (with --previous: that "
+                                     "run's model).")] = None,
     holdout: Holdout = None, retain: Retain = None,
     method: Annotated[str | None, Opt("--method", help="See `unmemorize methods`. [default: sga]")] = None,
-    general: Annotated[str | None, Opt("--general", help="General text for utility [default: Python docs].")] = None,
-    config: Annotated[Path | None, Opt("--config", help="YAML file whose keys are these options.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue an interrupted run in <out>.partial.")] = False,
-    lr: Annotated[float | None, Opt("--lr", help="Learning rate [default: the method's].")] = None,
-    max_steps: Annotated[int | None, Opt("--max-steps", help="Cap on gradient steps. [default: 200]")] = None,
-    stop: Annotated[str | None, Opt("--stop", help="band | mean | steps [default: band]")] = None,
-    retain_loss: Annotated[str | None, Opt("--retain-loss", help="none | nll | kl [default: the method's]")] = None,
-    retain_weight: Annotated[float | None, Opt("--retain-weight", help="[default: 1.0]")] = None,
-    lora: Annotated[int | None, Opt("--lora", help="LoRA rank; 0 trains the weights. [default: 0]")] = None,
-    mask_fraction: Annotated[float | None, Opt("--mask-fraction", help="Train only this fraction of weights "
-                                               "(largest forget gradient). [default: 0 = all]")] = None,
-    max_utility_drop: Annotated[float | None, Opt("--max-utility-drop", help="[default: 0.10]")] = None,
-    device: Device = "auto", dtype: Dtype = "auto",
-    batch_size: Annotated[int | None, Opt("--batch-size")] = None, seed: Annotated[int | None, Opt("--seed")] = None,
-    max_tokens: Annotated[int | None, Opt("--max-tokens")] = None,
-    prefix_tokens: Annotated[int | None, Opt("--prefix-tokens")] = None,
-    el_n: Annotated[str | None, Opt("--el-n")] = None, band: Annotated[str | None, Opt("--band")] = None,
+    previous: Annotated[Path | None, Opt("--previous", help="An earlier run to continue from (a later request): "
+                                         "its model, and its ledger of forgotten sequences re-audited.")] = None,
+    general: General = None, config: Config = None, lr: Lr = None, max_steps: MaxSteps = None, stop: Stop = None,
+    retain_loss: RetainLoss = None, retain_weight: RetainWeight = None, lora: Lora = None,
+    mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
+    dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
+    prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, band: MaybeStr = None, oracle: Oracle = None,
+    attacks: Attacks = None, tasks: Tasks = None,
     show_text: ShowText = False, allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False,
 ) -> int:
     """Unlearn the forget set; audit before and after; write the run folder. Exit 0 target reached, 3 not."""
@@ -128,22 +238,83 @@ def unlearn(
     from .unlearn.run import check_out_folder
     from .unlearn.run import unlearn as run_unlearn
 
-    flags = {"method": method, "lr": lr, "max_steps": max_steps, "stop": stop, "retain_loss": retain_loss,
-             "retain_weight": retain_weight, "lora": lora, "mask_fraction": mask_fraction,
-             "max_utility_drop": max_utility_drop, "seed": seed, "batch_size": batch_size, "max_tokens": max_tokens,
-             "prefix_tokens": prefix_tokens, "el_n": el_n, "band": band}
+    flags = {key: value for key, value in locals().items() if key in SETTING_KEYS}
     settings = unlearn_settings(config, flags)
+    model = model_of(model, previous)
     check_out_folder(out, resume)
     sets = load_sets(forget=forget, holdout=holdout, retain=retain)
     general_set = load_general(general)
     runtime = make_runtime(device, dtype)
     result = run_unlearn(model, sets, general_set, settings, runtime, out, resume=resume, show_text=show_text,
-                         load_options={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
+                         load_options={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code},
+                         previous=previous, sources=sources_of(forget=forget, holdout=holdout))
     print_run(result)
     return 0 if result.target_reached else 3
 
 
+@app.command()
+def compare(
+    forget: Forget, out: Annotated[Path, Opt("--out", help="New compare folder (runs/<method>/, compare.json).")],
+    methods: Annotated[str, Opt("--methods", help="Comma-separated method names (see `unmemorize methods`).")],
+    model: Model,
+    holdout: Holdout = None, retain: Retain = None,
+    general: General = None, config: Config = None, lr: Lr = None, max_steps: MaxSteps = None, stop: Stop = None,
+    retain_loss: RetainLoss = None, retain_weight: RetainWeight = None, lora: Lora = None,
+    mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
+    dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
+    prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, band: MaybeStr = None, oracle: Oracle = None,
+    attacks: Attacks = None, tasks: Tasks = None,
+    show_text: ShowText = False, allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False,
+) -> int:
+    """Several methods on one request, each from the same model and seed: one table, one report. Exit 0 when
+    every method reached the target, 3 otherwise."""
+    from .display import compare_table
+    from .model import make_runtime
+    from .unlearn.compare import compare as run_compare
+    from .unlearn.compare import ranked, rows_of
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if len(set(names)) != len(names) or not names:
+        raise InputError(f"--methods {methods!r}: give distinct method names, comma-separated")
+    flags = {key: value for key, value in locals().items() if key in SETTING_KEYS}
+    runs = {name: unlearn_settings(config, {**flags, "method": name}) for name in names}
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if (out / "runs").exists() and any((out / "runs").iterdir()):
+        raise InputError(f"--out {out}: already holds runs; choose a new folder")
+    sets = load_sets(forget=forget, holdout=holdout, retain=retain)
+    general_set = load_general(general)
+    runtime = make_runtime(device, dtype)
+    results = run_compare(model, sets, general_set, runs, runtime, out, show_text=show_text,
+                          load_options={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code},
+                          sources=sources_of(forget=forget, holdout=holdout))
+    console.print(compare_table(ranked(rows_of(results, names))))
+    console.print(f"Wrote {out / 'compare.json'} and {out / 'report.html'}")
+    return 0 if all(r.target_reached for r in results) else 3
+
+
+def model_of(model: str | None, previous: Path | None) -> str:
+    """The model to unlearn from: --model, or the model of the --previous run (a later request continues it)."""
+    if previous is None:
+        if model is None:
+            raise InputError("--model is required (or --previous RUN to continue an earlier run)")
+        return model
+    previous_model = previous / "model"
+    if not previous_model.is_dir():
+        raise InputError(f"--previous {previous}: no model/ folder; give a finished unlearn run folder")
+    if model is not None and Path(model).resolve() != previous_model.resolve():
+        raise InputError(f"--model {model} differs from the --previous run's model {previous_model}; drop --model")
+    return str(previous_model)
+
+
+def sources_of(**paths: str | None) -> dict[str, str]:
+    """How the ledger and the certificate name the set files: absolute paths (hf: names as given)."""
+    return {name: path if path.startswith("hf:") else str(Path(path).resolve())
+            for name, path in paths.items() if path is not None}
+
+
 AUDIT_KEYS = ("max_tokens", "prefix_tokens", "el_n", "band", "batch_size", "seed")
+EVALUATION_KEYS = ("oracle", "attacks", "tasks", "task_limit")
 
 
 def unlearn_settings(config: Path | None, flags: dict):
@@ -170,11 +341,18 @@ def unlearn_settings(config: Path | None, flags: dict):
     audit_values = {k: values.pop(k) for k in AUDIT_KEYS if k in values and k != "seed"}
     if "seed" in values:
         audit_values["seed"] = values["seed"]
+    evaluation = {k: values.pop(k) for k in EVALUATION_KEYS if k in values}
+    if isinstance(evaluation.get("tasks"), str):
+        evaluation["tasks"] = [t.strip() for t in evaluation["tasks"].split(",") if t.strip()]
+    if "attacks" in evaluation:  # true: the default attacks; a mapping: AttackSettings fields; false: off
+        chosen = evaluation["attacks"]
+        evaluation["attacks"] = {} if chosen is True else (chosen or None)
     try:
-        return UnlearnSettings(**values, audit=audit_settings_from(audit_values))
+        return UnlearnSettings(**values, audit=audit_settings_from(audit_values), evaluation=evaluation)
     except ValidationError as error:
         first = error.errors()[0]
-        name = str(first["loc"][0]).replace("_", "-")
+        loc = first["loc"][1:] if first["loc"][0] == "evaluation" and len(first["loc"]) > 1 else first["loc"]
+        name = str(loc[0]).replace("_", "-")
         where = f"--config {config}: " if config is not None and name in {k.replace("_", "-") for k in values} else ""
         raise InputError(f"{where}--{name}: {first['msg']}") from None
 
@@ -204,11 +382,15 @@ def load_general(source: str | None) -> list:
 def print_run(result) -> None:
     import os
 
-    from .display import run_table
+    from .display import attack_table, compare_table, print_oracle
+    from .unlearn.compare import rows_of
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the main process reports
         return
-    console.print(run_table([result]))
+    console.print(compare_table(rows_of([result]), title="Unlearning run"))
+    print_oracle(result.after, console)
+    if "attacks" in result.after.extra:
+        console.print(attack_table(result.after.extra["attacks"], result.after))
     console.print(f"stop: {result.run['stop_reason']}")
     console.print(f"Wrote {result.out}")
 
@@ -223,6 +405,51 @@ def demo(out: Annotated[Path, Opt("--out", help="Demo folder.")] = Path("unmemor
 
     check_out(out)
     run_demo(out, make_runtime(device, dtype), console, oracle=oracle)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="An unlearn run folder or a compare folder.")],
+           show_text: ShowText = False) -> None:
+    """Re-render report.html from a run folder (or a compare folder) without touching anything else."""
+    from .report import render_compare_report, render_run_report
+
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: not a folder")
+    if (run_dir / "compare.json").exists() and not (run_dir / "run.json").exists():
+        runs = {child.name: child for child in sorted((run_dir / "runs").iterdir()) if (child / "run.json").exists()}
+        for folder in runs.values():
+            render_run_report(folder, show_text)
+        path = render_compare_report(run_dir, runs, show_text)
+    else:
+        path = render_run_report(run_dir, show_text)
+    console.print(f"Wrote {path}")
+
+
+@app.command()
+def verify(certificate: Annotated[Path, Opt("--certificate", help="certificate.json of a run.")], model: Model,
+           forget: Annotated[str | None, Opt("--forget", help="[default: the file the certificate names]")] = None,
+           holdout: Annotated[str | None, Opt("--holdout", help="[default: the file the certificate names]")] = None,
+           device: Device = "auto",
+           dtype: Annotated[str | None, Opt("--dtype", help="[default: the certified weights dtype]")] = None,
+           allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False) -> int:
+    """Re-audit a model and check each claim of a certificate. Exit 0 when all hold, 3 listing what fails."""
+    from .model import load_model, make_runtime
+    from .report.certificate import read_certificate, verify_certificate
+
+    claims = read_certificate(certificate)
+    sets = load_sets(forget=forget, holdout=holdout)
+    # state_sha256 hashes dtypes too: the weights must load in the dtype they were certified in ("auto" keeps
+    # float32 weights and computes as the run did)
+    runtime = make_runtime(device, dtype or ("bfloat16" if claims["output_model"].get("weights") == "bfloat16"
+                                             else "auto"))
+    with console.status("loading model"):
+        lm, tokenizer = load_model(model, runtime, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    with console.status("re-auditing"):
+        result = verify_certificate(claims, lm, tokenizer, runtime, sets)
+    for claim in result.claims:
+        console.print(f"{'[green]PASS[/]' if claim['ok'] else '[red]FAIL[/]'} {claim['name']}: {claim['reason']}")
+    console.print("[green]All claims hold.[/]" if result.ok else f"[red]{len(result.failures)} claim(s) fail.[/]")
+    return 0 if result.ok else 3
 
 
 @app.command()

@@ -16,11 +16,11 @@ from rich.console import Console
 from . import embedded
 from .audit import AuditSettings, audit
 from .data import atomic_write_text, write_jsonl
-from .display import print_audit, run_table
+from .display import compare_table, print_audit, print_oracle
 from .errors import InputError
 from .model import Runtime, load_model, state_sha256
+from .unlearn.compare import compare, rows_of
 from .unlearn.config import UnlearnSettings
-from .unlearn.run import unlearn
 
 # How many of the documentation chunks the victim was fine-tuned on join the retain set: the retain set is
 # "training data that must stay as it is", and keeping some general text in it is what holds general-text
@@ -63,23 +63,30 @@ def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False
     console.print(f"\n[bold]{forget['extractable']} of {forget['n']} requested records are extractable "
                   f"({forget['verbatim']} verbatim) from the victim.[/]\n")
 
-    results = []
+    runs = {}
     for name, options in DEMO_RUNS.items():
-        run_dir = out / "runs" / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: a re-run replaces its runs
-        shutil.rmtree(run_dir.with_name(name + ".partial"), ignore_errors=True)
-        console.print(f"unlearning with [bold]{options['method']}[/] (stop rule: {options['stop']}) ...")
-        run_settings = UnlearnSettings(**options, audit=settings)
-        results.append(unlearn(str(victim), sets, data.general, run_settings, runtime, run_dir, before=before))
-    console.print(run_table(results, title="The request, unlearned two ways"))
+        shutil.rmtree(out / "runs" / name, ignore_errors=True)  # the demo owns its folder: a re-run replaces runs
+        shutil.rmtree(out / "runs" / f"{name}.partial", ignore_errors=True)
+        evaluation = {"oracle": str(oracle_path)} if oracle_path else {}
+        runs[name] = UnlearnSettings(**options, audit=settings, evaluation=evaluation)
+    console.print("unlearning with " + " and ".join(f"[bold]{o['method']}[/] (stop rule: {o['stop']})"
+                                                    for o in DEMO_RUNS.values()) + " ...")
+    results = compare(str(victim), sets, data.general, runs, runtime, out, before=before,
+                      sources={name: str(files[name].resolve()) for name in ("forget", "holdout")})
+    console.print(compare_table(rows_of(results, list(DEMO_RUNS)), title="The request, unlearned two ways"))
+    for name, result in zip(DEMO_RUNS, results, strict=True):
+        if "oracle" in result.after.extra:
+            console.print(f"[bold]{name}[/] vs the oracle:", end=" ")
+            print_oracle(result.after, console)
     summary = {
         "base": str(base), "victim": str(victim), "oracle": None if oracle_path is None else str(oracle_path),
         "data": {**{k: str(v) for k, v in files.items()}, "sizes": embedded.describe(data)},
-        "audit": str(out / "audit.json"),
+        "audit": str(out / "audit.json"), "report": str(out / "report.html"),
         "runs": {name: {"folder": str(r.out), "method": r.run["method"], "stop": r.run["settings"]["stop"],
                         "target_reached": r.run["target_reached"], "stop_reason": r.run["stop_reason"]}
                  for name, r in zip(DEMO_RUNS, results, strict=True)},
     }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1) + "\n")
-    console.print(f"Outputs: {out}/ (demo.json, audit.json, data/, runs/{{{','.join(DEMO_RUNS)}}}/)")
+    console.print(f"Report: {out / 'report.html'} (open it in a browser)")
+    console.print(f"Outputs: {out}/ (demo.json, audit.json, compare.json, data/, runs/{{{','.join(DEMO_RUNS)}}}/)")
     return summary

@@ -56,19 +56,42 @@ def print_audit(result: AuditResult, console: Console, show_text: bool = False) 
         console.print(f"Membership AUC forget vs holdout: {aucs}")
 
 
-def run_table(results: list, title: str = "Unlearning runs") -> Table:
-    """One row per run: what the request looks like after, utility, cost."""
+def print_oracle(result: AuditResult, console: Console) -> None:
+    """Forget quality and privleak against the oracle, when the audit has them."""
+    oracle = result.extra.get("oracle")
+    if not oracle:
+        return
+    forget = oracle["oracle_forget"]
+    console.print(f"Oracle: forget quality (KS p) {oracle['forget_quality']:.3g}, "
+                  f"privleak ({oracle['privleak_score']}) {oracle['privleak']:+.1%}, "
+                  f"status agreement {oracle['status_agreement']:.0%}; under the oracle "
+                  f"{forget['extractable']} extractable, {forget['verbatim']} verbatim, "
+                  f"{forget['over_unlearned']} over-unlearned")
+
+
+def attack_table(attacks: dict, baseline: AuditResult) -> Table:
+    """One row per attack: how many forget sequences it brings back to extractable or verbatim."""
+    forget = baseline.summary("forget")
+    table = Table(title=f"Attacks (without attack: {forget['extractable']} extractable, {forget['verbatim']} verbatim "
+                  f"of {forget['n']})", title_justify="left")
+    for column in ("attack", "returned extractable", "returned verbatim", "what it does"):
+        table.add_column(column, justify="right" if column.startswith("returned") else "left")
+    for name, entry in attacks.items():
+        table.add_row(name, str(entry["returned_extractable"]), str(entry["returned_verbatim"]),
+                      entry.get("description", ""))
+    return table
+
+
+def compare_table(rows: list[dict], title: str = "Methods compared (best first)") -> Table:
+    """compare.json's rows: target, what is left of the request, utility, cost."""
     table = Table(title=title, title_justify="left")
-    for column in ("method", "target", "extractable", "verbatim", "over-unlearned", "retain MA", "general ppl",
-                   "steps", "seconds"):
-        table.add_column(column, justify="left" if column in ("method", "target") else "right")
-    for result in results:
-        run, before, after = result.run, result.before.summary("forget"), result.after.summary("forget")
-        u0, u1 = run["utility"]["before"], run["utility"]["after"]
-        retain = "-" if u0["retain_ma"] is None else f"{u0['retain_ma']:.3f} → {u1['retain_ma']:.3f}"
-        table.add_row(run["method"], "[green]reached[/]" if run["target_reached"] else "[red]not reached[/]",
-                      f"{before['extractable']} → {after['extractable']}",
-                      f"{before['verbatim']} → {after['verbatim']}",
-                      str(after["over_unlearned"]), retain, f"{u0['general_ppl']:.2f} → {u1['general_ppl']:.2f}",
-                      str(run["steps"]), f"{run['seconds']:.0f}")
+    for column in ("run", "target", "extractable", "verbatim", "over-unlearned", "retain MA", "general ppl",
+                   "utility loss", "steps", "seconds"):
+        table.add_column(column, justify="left" if column in ("run", "target") else "right")
+    for r in rows:
+        retain = "-" if r["retain_ma"] is None else f"{r['retain_ma_before']:.3f} → {r['retain_ma']:.3f}"
+        table.add_row(r["run"], "[green]reached[/]" if r["target_reached"] else "[red]not reached[/]",
+                      f"{r['extractable_before']} → {r['extractable']}", f"{r['verbatim_before']} → {r['verbatim']}",
+                      str(r["over_unlearned"]), retain, f"{r['general_ppl_before']:.2f} → {r['general_ppl']:.2f}",
+                      f"{r['utility_loss']:.1%}", str(r["steps"]), f"{r['seconds']:.0f}")
     return table

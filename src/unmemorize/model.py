@@ -90,9 +90,12 @@ def load_model(spec: str | os.PathLike, runtime: Runtime | None = None, *, allow
     quiet = logging.getLogger("transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    # a local load is quick and its progress bar noise on stderr; a download keeps its bar
+    bars = no_progress_bars() if path.exists() else contextlib.nullcontext()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.weights, **kwargs)
+        with bars:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.weights, **kwargs)
     except InputError:
         raise
     except Exception as error:  # transformers raises OSError, ValueError, KeyError ... for a bad model
@@ -106,6 +109,20 @@ def load_model(spec: str | os.PathLike, runtime: Runtime | None = None, *, allow
     model.to(runtime.device)
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Silence transformers' per-shard progress bars (loading, saving) for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _drop_gguf_quantizer(model) -> None:
@@ -125,7 +142,8 @@ def save_checkpoint(model, tokenizer, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with no_progress_bars():
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")

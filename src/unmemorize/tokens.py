@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .data import Sequence as TextSequence
@@ -51,3 +53,9 @@ def pad_id_of(tokenizer) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def ids_sha256(ids: Sequence[int]) -> str:
+    """SHA-256 of the token ids as little-endian int32 bytes: names a sequence without keeping its text
+    (ledger and certificate alike)."""
+    return hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()

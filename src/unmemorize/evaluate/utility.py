@@ -11,17 +11,27 @@ from ..model import Runtime
 
 
 def utility(model, retain_ids: list[list[int]] | None, general_ids: list[list[int]], runtime: Runtime,
-            batch_size: int = 8, pad_id: int = 0) -> dict:
-    """{"retain_ma", "retain_loss", "general_ppl"}: perplexity is exp of the token-weighted mean NLL."""
+            batch_size: int = 8, pad_id: int = 0, *, holdout_ids: list[list[int]] | None = None) -> dict:
+    """{"retain_ma", "retain_loss", "general_ppl", "holdout_ppl"}: perplexities are token-weighted.
+
+    `holdout_ppl` (None unless `holdout_ids` is given) tells whether unlearning also damaged unseen text of the
+    forget set's own kind, which general text cannot show.
+    """
     result: dict = {"retain_ma": None, "retain_loss": None}
     if retain_ids:
         scores = score_tokens(model, retain_ids, runtime, batch_size, pad_id)
         result["retain_ma"] = float(np.mean([s.ma for s in scores]))
         result["retain_loss"] = float(np.mean([s.loss for s in scores]))
-    scores = score_tokens(model, general_ids, runtime, batch_size, pad_id)
-    nll = sum(-s.logprobs.sum() for s in scores) / sum(len(s.logprobs) for s in scores)
-    result["general_ppl"] = float(math.exp(nll))
+    result["general_ppl"] = perplexity(model, general_ids, runtime, batch_size, pad_id)
+    result["holdout_ppl"] = perplexity(model, holdout_ids, runtime, batch_size, pad_id) if holdout_ids else None
     return result
+
+
+def perplexity(model, token_lists: list[list[int]], runtime: Runtime, batch_size: int = 8, pad_id: int = 0) -> float:
+    """exp of the mean NLL over all predicted tokens: long sequences weigh more than short ones."""
+    scores = score_tokens(model, token_lists, runtime, batch_size, pad_id)
+    nll = sum(-s.logprobs.sum() for s in scores) / sum(len(s.logprobs) for s in scores)
+    return float(math.exp(nll))
 
 
 def utility_drop(before: dict, now: dict) -> float:

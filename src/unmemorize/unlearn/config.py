@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..audit import AuditSettings
 from ..errors import InputError
+from ..evaluate.suite import EvaluationSettings
 from .methods import PRESETS
 
 
@@ -35,6 +36,7 @@ class UnlearnSettings(BaseModel):
     max_lambda: float = Field(4.0, gt=0, description="ta/tau: the largest lambda the line search tries.")
     seed: int = 0
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
     @field_validator("method")
     @classmethod

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,12 +21,17 @@ from .. import __version__
 from ..audit import AuditResult, audit
 from ..data import Sequence, atomic_write_text
 from ..errors import InputError
-from ..evaluate.utility import utility
+from ..evaluate.efficiency import TokenCounter, peak_gpu_memory_mb, peak_memory_mb
+from ..evaluate.oracle import oracle_report
+from ..evaluate.suite import audit_oracle, evaluate_audit, model_utility
 from ..measure.scoring import score_tokens
 from ..model import Runtime, load_model, save_checkpoint, state_sha256
+from ..report import render_run_report
+from ..report.certificate import build_certificate, tokenizer_fingerprint, write_certificate
 from ..tokens import encode, pad_id_of
 from .config import UnlearnSettings
 from .context import Batch, Context
+from .ledger import earlier_sequences, read_ledger, request_entry, write_ledger
 from .loop import LoopOutcome, TokenSets, blocking, calibrate_band, gradient_unlearn
 from .methods import BAND, build_objective
 from .methods.task_vector import apply, line_search, task_vector
@@ -62,11 +66,17 @@ def check_out_folder(out: Path, resume: bool) -> Path:
 
 def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequence], settings: UnlearnSettings,
             runtime: Runtime, out: Path, *, resume: bool = False, load_options: dict | None = None,
-            show_text: bool = False, before: AuditResult | None = None) -> RunResult:
+            show_text: bool = False, before: AuditResult | None = None, before_utility: dict | None = None,
+            previous: Path | None = None,
+            sources: dict[str, str] | None = None) -> RunResult:
     """Unlearn `sets["forget"]` from the model at `model_spec`; write the run folder `out`.
 
     `before` may hold an audit the caller already made of this model with these sets and settings (the demo
-    audits once for several runs); it is checked against the model's hash.
+    audits once for several runs); it is checked against the model's hash. `before_utility` likewise holds
+    the utility of that same model (used only together with `before`). `previous` is the run this one
+    continues (a later deletion request): every sequence of its ledger is audited too, as the set "earlier".
+    `sources` names the files the sets came from ("forget", "holdout"): the ledger and the certificate record
+    them (paths, never text) so later requests and `verify` can re-read them.
     """
     from accelerate import Accelerator
 
@@ -84,9 +94,12 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     started = time.perf_counter()
     phases: dict[str, float] = {}
     torch.manual_seed(settings.seed)
+    requests = read_ledger(previous) if previous is not None else []
     model, tokenizer = load_model(model_spec, runtime, **(load_options or {}))
     pad_id = pad_id_of(tokenizer)
     max_tokens = settings.audit.max_tokens
+    if requests:
+        sets = {**sets, "earlier": earlier_sequences(requests, tokenizer, max_tokens)}
     tokens = TokenSets(
         forget=encode(tokenizer, sets["forget"], max_tokens, "forget"),
         forget_names=[s.id for s in sets["forget"]],
@@ -98,18 +111,29 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     recorded = work / "settings.json"
     if resume and json.loads(recorded.read_text()) != {"model": model_spec, **settings_json}:
         raise InputError(f"--resume: the settings differ from those of the interrupted run in {work}")
+
+    input_hash = state_sha256(model)
+    info = {"source": model_spec, "sha256": input_hash, "runtime": runtime.describe()}
+    counter = TokenCounter(model)
+    evaluation = settings.evaluation
+    utility_ids = {"retain": tokens.retain, "general": tokens.general, "holdout": tokens.holdout}
+    tick = time.perf_counter()
+    if (before is None or before.model.get("sha256") != input_hash or before.settings["el_n"] != settings.audit.el_n
+            or before.set_names() != list(sets)):
+        before, before_utility = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info), None
+    utility_before = before_utility or model_utility(model, tokenizer, utility_ids, runtime, evaluation,
+                                                     settings.audit.batch_size, pad_id)
+    phases["audit_before"] = time.perf_counter() - tick
+    # The oracle is audited up front: a bad --oracle fails before any unlearning, and one audit serves both
+    # comparisons (before and after).
+    oracle_audit = audit_oracle(evaluation.oracle, sets, settings.audit, runtime, load_options) \
+        if evaluation.oracle else None
+    # The work folder appears only now: bad input found while auditing (an unknown --tasks name, ...) leaves
+    # nothing behind.
     if main and not resume:
         work.mkdir(parents=True)
         recorded.write_text(json.dumps({"model": model_spec, **settings_json}))
     accelerator.wait_for_everyone()
-
-    input_hash = state_sha256(model)
-    info = {"source": model_spec, "sha256": input_hash, "runtime": runtime.describe()}
-    tick = time.perf_counter()
-    if before is None or before.model.get("sha256") != input_hash or before.settings["el_n"] != settings.audit.el_n:
-        before = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info)
-    utility_before = utility(model, tokens.retain, tokens.general, runtime, settings.audit.batch_size, pad_id)
-    phases["audit_before"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     ctx = Context(model=model, runtime=runtime, pad_id=pad_id, forget_ids=tokens.forget)
@@ -129,14 +153,23 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     tick = time.perf_counter()
     info = {"source": str(out / "model"), "sha256": state_sha256(model), "runtime": runtime.describe()}
     after = audit(model, tokenizer, sets, settings.audit, runtime, reference=before, model_info=info)
-    utility_after = utility(model, tokens.retain, tokens.general, runtime, settings.audit.batch_size, pad_id)
+    utility_after = model_utility(model, tokenizer, utility_ids, runtime, evaluation, settings.audit.batch_size,
+                                  pad_id)
     phases["audit_after"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    if oracle_audit is not None:
+        before.extra["oracle"] = oracle_report(before, oracle_audit)
+    evaluate_audit(after, model, tokenizer, sets, settings.audit, runtime, evaluation.attacks, oracle_audit)
+    phases["evaluation"] = time.perf_counter() - tick
 
     run = {
         "method": settings.method, "settings": settings_json, "tool_version": __version__,
         "input_model": {"source": model_spec, "sha256": input_hash},
         "steps": outcome.steps, "lambda": lam, "seconds": time.perf_counter() - started, "phase_seconds": phases,
-        "tokens_trained": outcome.tokens_trained, "peak_memory_mb": peak_memory_mb(),
+        # tokens: forward = every token through the model (scoring, decoding, training, evaluation);
+        # backward = the tokens of the gradient steps (and of the task vector's fine-tuning)
+        "tokens": {"forward": counter.close(), "backward": outcome.tokens_trained},
+        "peak_memory_mb": peak_memory_mb(), "peak_gpu_memory_mb": peak_gpu_memory_mb(),
         "target_reached": after.target_reached, "stop_reason": outcome.stop_reason,
         "restored_step": outcome.restored_step,
         "forget": {"extractable_before": before.summary("forget")["extractable"],
@@ -145,6 +178,13 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
                    "over_unlearned_after": after.summary("forget")["over_unlearned"]},
         "utility": {"before": utility_before, "after": utility_after},
     }
+    if requests:  # did the earlier requests stay forgotten? (MUSE's sustainability)
+        keys = ("n", "mean_ma", "extractable", "verbatim", "over_unlearned")
+        was, now = before.summary("earlier"), after.summary("earlier")
+        run["previous"] = str(previous)
+        run["earlier"] = {"requests": len(requests), "before": {k: was[k] for k in keys},
+                          "after": {k: now[k] for k in keys},
+                          "stayed_forgotten": now["extractable"] == 0 and now["verbatim"] == 0}
     tick = time.perf_counter()
     if main:
         save_checkpoint(model, tokenizer, work / "model")
@@ -152,6 +192,13 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         after.write(work, "after", show_text)
         run["phase_seconds"]["save"] = time.perf_counter() - tick
         atomic_write_text(work / "run.json", json.dumps(run, indent=1) + "\n")
+        write_ledger(work, [*requests, request_entry(out, (sources or {}).get("forget"), sets["forget"],
+                                                     tokens.forget, after.target_reached)])
+        certificate = build_certificate(run, before, after, tokens.forget, tokens.forget_names,
+                                        tokenizer_fingerprint(tokenizer), holdout_ids=tokens.holdout,
+                                        holdout_names=[s.id for s in sets["holdout"]], sources=sources)
+        write_certificate(work, certificate)
+        render_run_report(work, show_text)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)
         work.rename(out)
     accelerator.wait_for_everyone()  # no process returns before the run folder is complete
@@ -260,12 +307,6 @@ def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSe
 
 def score(ctx: Context, token_lists, settings: UnlearnSettings):
     return score_tokens(ctx.model, token_lists, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 __all__ = ["RunResult", "unlearn"]

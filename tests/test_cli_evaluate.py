@@ -1,0 +1,102 @@
+"""Evaluation through the command line: unlearn --oracle --attacks --tasks, attack, audit --decoding/--oracle,
+verify. Real subprocesses on the tiny memorizing model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from clirun import run_cli
+from conftest import read_json
+
+FAST = ["--el-n", "0", "--prefix-tokens", "8", "--dtype", "float32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tiny, tiny_oracle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-eval") / "run"
+    result = run_cli("unlearn", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
+                     tiny["files"]["holdout"], "--retain", tiny["files"]["retain"], "--general",
+                     tiny["files"]["retain"], "--method", "sga", "--lr", "3e-4", "--retain-loss", "nll",
+                     "--max-steps", "60", "--max-utility-drop", "10", "--oracle", tiny_oracle, "--attacks",
+                     "--tasks", "unmemorize_pyfacts", *FAST, "--out", out)
+    return out, result
+
+
+def test_unlearn_with_oracle_attacks_and_tasks_writes_everything(evaluated_run, tiny, tiny_oracle):
+    out, result = evaluated_run
+    assert result.returncode == 0, result.stderr
+    after = read_json(out / "after.json")
+    assert set(after["attacks"]) == {"sampling", "prefix", "relearn", "quantize_8bit", "quantize_4bit"}
+    for entry in after["attacks"].values():
+        assert isinstance(entry["returned_extractable"], int) and isinstance(entry["returned_verbatim"], int)
+    assert 0 <= after["oracle"]["forget_quality"] <= 1
+    assert "ref_auc" in after["privacy"] and "ref_auc_ci" in after["privacy"]
+    run = read_json(out / "run.json")
+    for when in ("before", "after"):
+        assert run["utility"][when]["downstream"]["unmemorize_pyfacts"]["n_docs"] == 44
+        assert run["utility"][when]["holdout_ppl"] > 1
+    assert run["settings"]["evaluation"]["oracle"] == str(tiny_oracle)
+    text = (out / "after.json").read_text() + (out / "run.json").read_text()
+    assert all(s.text not in text for s in tiny["sets"]["forget"])
+    assert "Attacks" in result.stdout and "Oracle" in result.stdout
+
+
+def test_verify_passes_on_the_unlearned_model_and_fails_on_the_original(evaluated_run, tiny):
+    out, _ = evaluated_run
+    certificate = out / "certificate.json"
+    good = run_cli("verify", "--certificate", certificate, "--model", out / "model", "--dtype", "float32")
+    assert good.returncode == 0, good.stdout + good.stderr
+    bad = run_cli("verify", "--certificate", certificate, "--model", tiny["model"], "--dtype", "float32")
+    assert bad.returncode == 3
+    assert "FAIL model_hash" in bad.stdout and "FAIL not_verbatim" in bad.stdout
+
+
+def test_verify_refuses_a_bad_certificate_with_exit_2(tmp_path, tiny):
+    broken = tmp_path / "certificate.json"
+    broken.write_text("{not json")
+    result = run_cli("verify", "--certificate", broken, "--model", tiny["model"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_attack_command_writes_attack_json(tiny, tmp_path):
+    out = tmp_path / "attack"
+    result = run_cli("attack", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
+                     tiny["files"]["holdout"], "--attacks", "sampling,quantize_8bit", "--temperature", "0.3",
+                     "--prefix-tokens", "8", "--dtype", "float32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = read_json(out / "attack.json")
+    assert set(report) >= {"sampling", "quantize_8bit", "baseline", "model"}
+    assert report["sampling"]["forget_extracted"] >= 4  # f0-f3 are memorized: sampling finds them
+    json.dumps(report)
+
+
+def test_audit_through_a_decoding_filter_and_against_the_oracle(tiny, tiny_oracle, tmp_path):
+    plain = run_cli("audit", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
+                    tiny["files"]["holdout"], *FAST, "--out", tmp_path / "plain", "--oracle", tiny_oracle)
+    guarded = run_cli("audit", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
+                      tiny["files"]["holdout"], *FAST, "--out", tmp_path / "filter", "--decoding", "filter:4")
+    assert plain.returncode == 0 and guarded.returncode == 0, plain.stderr + guarded.stderr
+    before, after = read_json(tmp_path / "plain" / "audit.json"), read_json(tmp_path / "filter" / "audit.json")
+    assert before["sets"]["forget"]["verbatim"] >= 4 and after["sets"]["forget"]["verbatim"] == 0
+    assert after["decoding"]["weights_changed"] is False
+    assert after["model"]["sha256"] == before["model"]["sha256"]  # the weights are the same
+    assert before["oracle"]["forget_quality"] < 0.05
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "no_such_task_xyz"], "no_such_task_xyz"),
+    (["--oracle", "/nonexistent/oracle"], "oracle"),
+])
+def test_bad_evaluation_input_exits_2_and_writes_nothing(tiny, tmp_path, args, message):
+    out = tmp_path / "run"
+    result = run_cli("unlearn", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
+                     tiny["files"]["holdout"], "--max-steps", "1", *FAST, *args, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not out.with_name("run.partial").exists()
+
+
+def test_bad_decoding_spec_exits_2(tiny, tmp_path):
+    result = run_cli("audit", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--decoding", "dpd:2")
+    assert result.returncode == 2 and "--decoding" in result.stderr
