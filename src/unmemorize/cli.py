@@ -398,13 +398,14 @@ def print_run(result) -> None:
 @app.command()
 def demo(out: Annotated[Path, Opt("--out", help="Demo folder.")] = Path("unmemorize-demo"),
          oracle: Annotated[bool, Opt("--oracle", help="Also build the oracle (victim without the request).")] = False,
+         attacks: Annotated[bool, Opt("--attacks", help="Also attack both unlearned models.")] = False,
          device: Device = "auto", dtype: Dtype = "auto") -> None:
     """The main job on the embedded default: victim, audit, unlearn (sga vs the aggregate rule), compare."""
     from .demo import run_demo
     from .model import make_runtime
 
     check_out(out)
-    run_demo(out, make_runtime(device, dtype), console, oracle=oracle)
+    run_demo(out, make_runtime(device, dtype), console, oracle=oracle, attacks=attacks)
 
 
 @app.command()
@@ -423,6 +424,56 @@ def report(run_dir: Annotated[Path, typer.Argument(help="An unlearn run folder o
     else:
         path = render_run_report(run_dir, show_text)
     console.print(f"Wrote {path}")
+
+
+@app.command()
+def scan(
+    model: Model,
+    corpus: Annotated[str, Opt("--corpus", help="Documents to scan, read as a stream: JSONL, CSV, Parquet, .txt "
+                               "(one document a line), hf:NAME[:SPLIT].")],
+    out: Annotated[Path, Opt("--out", help="Scan folder: top.jsonl (a ready --forget set) and scan.json.")],
+    top: Annotated[int, Opt("--top", help="Windows kept: the K most memorized.")] = 100,
+    window: Annotated[int, Opt("--window", help="Window length in tokens.")] = 64,
+    stride: Annotated[int | None, Opt("--stride", help="Tokens between window starts (default: --window).")] = None,
+    min_tokens: Annotated[int, Opt("--min-tokens", help="Shorter documents are counted, not scanned.")] = 16,
+    text_field: Annotated[str, Opt("--text-field", help="Field (column) holding a document's text.")] = "text",
+    id_field: Annotated[str | None, Opt("--id-field", help="Field holding a document's id (default: id when "
+                                        "present, else the line number).")] = None,
+    prefix_tokens: PrefixTokens = 32, batch_size: BatchSize = 8,
+    shard_docs: Annotated[int, Opt("--shard-docs", help="Documents per shard (checkpoint, split between "
+                                   "processes).")] = 1000,
+    resume: Annotated[bool, Opt("--resume", help="Continue the interrupted scan in --out.")] = False,
+    device: Device = "auto", dtype: Dtype = "auto", show_text: ShowText = False,
+    allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """The most memorized windows of a corpus of any size (streamed, checkpointed per shard, data parallel
+    under torchrun). Ctrl-C writes what it has and exits 130."""
+    import contextlib
+
+    from .corpus import open_corpus
+    from .model import load_model, make_runtime, state_sha256
+    from .scan import check_out_folder, join_processes, scan_settings, top_table
+    from .scan import scan as run_scan
+
+    settings = scan_settings(top=top, window=window, stride=stride, min_tokens=min_tokens,
+                             prefix_tokens=prefix_tokens, batch_size=batch_size, shard_docs=shard_docs,
+                             text_field=text_field, id_field=id_field)
+    runtime = make_runtime(device, dtype)
+    documents = open_corpus(corpus, text_field, id_field)
+    rank, world = join_processes(runtime)
+    check_out_folder(out, resume, world)
+    with console.status("loading model") if rank == 0 else contextlib.nullcontext():
+        lm, tokenizer = load_model(model, runtime, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    info = {"source": model, "sha256": state_sha256(lm), "runtime": runtime.describe()}
+    result = run_scan(lm, tokenizer, documents, settings, runtime, out, resume=resume, model_info=info,
+                      show_progress=True)
+    if result is not None:
+        summary = result.summary
+        console.print(top_table(result, show_text))
+        console.print(f"{summary['documents']:,} documents, {summary['windows']:,} windows, "
+                      f"{summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
+                      f"({summary['tokens_per_s']:,.0f} tokens/s); {summary['verbatim_windows']:,} windows verbatim")
+        console.print(f"Wrote {out / 'top.jsonl'} and {out / 'scan.json'}")
 
 
 @app.command()

@@ -16,7 +16,7 @@ from rich.console import Console
 from . import embedded
 from .audit import AuditSettings, audit
 from .data import atomic_write_text, write_jsonl
-from .display import compare_table, print_audit, print_oracle
+from .display import attack_table, compare_table, print_audit, print_oracle
 from .errors import InputError
 from .model import Runtime, load_model, state_sha256
 from .unlearn.compare import compare, rows_of
@@ -34,7 +34,7 @@ DEMO_RUNS = {
 }
 
 
-def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False) -> dict:
+def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False, attacks: bool = False) -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
         raise InputError(f"--out {out}: exists and is not a demo folder; choose a new or empty folder")
@@ -67,7 +67,7 @@ def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False
     for name, options in DEMO_RUNS.items():
         shutil.rmtree(out / "runs" / name, ignore_errors=True)  # the demo owns its folder: a re-run replaces runs
         shutil.rmtree(out / "runs" / f"{name}.partial", ignore_errors=True)
-        evaluation = {"oracle": str(oracle_path)} if oracle_path else {}
+        evaluation = {"oracle": str(oracle_path) if oracle_path else None, "attacks": {} if attacks else None}
         runs[name] = UnlearnSettings(**options, audit=settings, evaluation=evaluation)
     console.print("unlearning with " + " and ".join(f"[bold]{o['method']}[/] (stop rule: {o['stop']})"
                                                     for o in DEMO_RUNS.values()) + " ...")
@@ -78,6 +78,8 @@ def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False
         if "oracle" in result.after.extra:
             console.print(f"[bold]{name}[/] vs the oracle:", end=" ")
             print_oracle(result.after, console)
+        if "attacks" in result.after.extra:
+            console.print(attack_table(result.after.extra["attacks"], result.after, title=f"{name}: attacks"))
     summary = {
         "base": str(base), "victim": str(victim), "oracle": None if oracle_path is None else str(oracle_path),
         "data": {**{k: str(v) for k, v in files.items()}, "sizes": embedded.describe(data)},

@@ -69,11 +69,11 @@ def print_oracle(result: AuditResult, console: Console) -> None:
                   f"{forget['over_unlearned']} over-unlearned")
 
 
-def attack_table(attacks: dict, baseline: AuditResult) -> Table:
+def attack_table(attacks: dict, baseline: AuditResult, title: str = "Attacks") -> Table:
     """One row per attack: how many forget sequences it brings back to extractable or verbatim."""
     forget = baseline.summary("forget")
-    table = Table(title=f"Attacks (without attack: {forget['extractable']} extractable, {forget['verbatim']} verbatim "
-                  f"of {forget['n']})", title_justify="left")
+    table = Table(title=f"{title} (without attack: {forget['extractable']} extractable, {forget['verbatim']} "
+                  f"verbatim of {forget['n']})", title_justify="left")
     for column in ("attack", "returned extractable", "returned verbatim", "what it does"):
         table.add_column(column, justify="right" if column.startswith("returned") else "left")
     for name, entry in attacks.items():

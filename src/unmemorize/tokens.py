@@ -26,8 +26,9 @@ def encode(tokenizer, sequences: Sequence[TextSequence], max_tokens: int, set_na
     return [list(ids) for ids in encoded]
 
 
-def pad(token_lists: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to one tensor. Right padding for teacher forcing; left padding for generation."""
+def pad(token_lists: Sequence[Sequence[int]], pad_id: int, left: bool = False,
+        device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to one tensor (on `device` when given). Right padding for teacher forcing; left for generation."""
     width = max(len(ids) for ids in token_lists)
     input_ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(token_lists), width), dtype=torch.long)
@@ -35,7 +36,17 @@ def pad(token_lists: Sequence[Sequence[int]], pad_id: int, left: bool = False) -
         span = slice(width - len(ids), width) if left else slice(0, len(ids))
         input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
         mask[row, span] = 1
+    if device is not None:
+        return to_device(input_ids, device), to_device(mask, device)
     return input_ids, mask
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """On CUDA, copy from pinned memory without blocking, so the copy overlaps the GPU's work on the previous
+    batch; elsewhere a plain move."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def length_batches(token_lists: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:

@@ -52,8 +52,7 @@ def finetune(model, token_lists: list[list[int]], *, epochs: int, lr: float, bat
                 order = torch.randperm(len(token_lists), generator=generator).tolist()
                 for start in range(0, len(order), batch_size):
                     batch = [token_lists[i] for i in order[start : start + batch_size]]
-                    input_ids, mask = pad(batch, pad_id)
-                    input_ids, mask = input_ids.to(runtime.device), mask.to(runtime.device)
+                    input_ids, mask = pad(batch, pad_id, device=runtime.device)
                     labels = input_ids.masked_fill(mask == 0, IGNORE)
                     with runtime.autocast():
                         logits = model(input_ids=input_ids, attention_mask=mask).logits

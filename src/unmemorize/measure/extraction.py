@@ -12,6 +12,8 @@ A memorized sequence has few divergence points, so EL costs little more than the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..model import Runtime
@@ -61,10 +63,22 @@ def assemble(ids: list[int], greedy: list[int], decoded: dict[int, list[int]],
     return result
 
 
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().argmax(-1)  # the first maximum: ties go to the lowest token id
+
+
 @torch.no_grad()
 def greedy_continue(model, prompts: list[list[int]], new_tokens: list[int], runtime: Runtime, batch_size: int,
                     pad_id: int) -> list[list[int]]:
-    """Greedy continuation of each prompt by its own number of new tokens, decoded in batches.
+    """Greedy continuation of each prompt by its own number of new tokens, decoded in batches."""
+    return continue_prompts(model, prompts, new_tokens, runtime, batch_size, pad_id, greedy_choice)
+
+
+@torch.no_grad()
+def continue_prompts(model, prompts: list[list[int]], new_tokens: list[int], runtime: Runtime, batch_size: int,
+                     pad_id: int, choose: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
+    """Continue each prompt by its own number of new tokens; `choose` maps next-token logits (rows, V) to the
+    chosen tokens (greedy, or a sampler).
 
     Prompts are left-padded; position ids follow each prompt's real length so padding changes nothing.
     Prompts needing a similar number of tokens share a batch, so few decoding steps are wasted.
@@ -75,28 +89,23 @@ def greedy_continue(model, prompts: list[list[int]], new_tokens: list[int], runt
     # One autocast region for all decoding: autocast caches its bf16 copies of the weights only within a
     # region, and re-casting every weight for each one-token step would cost more than the step itself.
     with runtime.autocast():
-        _decode(model, prompts, new_tokens, order, outputs, runtime, batch_size, pad_id)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, mask = pad([prompts[i] for i in rows], pad_id, left=True, device=runtime.device)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            past = None
+            for _ in range(max(new_tokens[i] for i in rows)):
+                out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                next_tokens = choose(out.logits[:, -1])
+                for row, index in enumerate(rows):
+                    if len(outputs[index]) < new_tokens[index]:
+                        outputs[index].append(int(next_tokens[row]))
+                input_ids = next_tokens[:, None]
+                positions = positions[:, -1:] + 1
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
     return outputs
-
-
-def _decode(model, prompts, new_tokens, order, outputs, runtime: Runtime, batch_size: int, pad_id: int) -> None:
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        input_ids, mask = pad([prompts[i] for i in rows], pad_id, left=True)
-        input_ids, mask = input_ids.to(runtime.device), mask.to(runtime.device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        past = None
-        for _ in range(max(new_tokens[i] for i in rows)):
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                        use_cache=True)
-            past = out.past_key_values
-            next_tokens = out.logits[:, -1].float().argmax(-1)  # first maximum: ties go to the lowest id
-            for row, index in enumerate(rows):
-                if len(outputs[index]) < new_tokens[index]:
-                    outputs[index].append(int(next_tokens[row]))
-            input_ids = next_tokens[:, None]
-            positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
 
 
 def extraction_likelihoods(model, scores: list[TokenScores], ns: list[int], runtime: Runtime,

@@ -112,3 +112,68 @@ def _scores_of_row(ids: list[int], logits: torch.Tensor) -> TokenScores:
         minkpp_z=((target_lp - mu) / sigma).cpu().double().numpy(),
         greedy=greedy.cpu().numpy(),
     )
+
+
+@dataclass(frozen=True)
+class LeanScores:
+    """The measures of TokenScores that need no statistic over the whole vocabulary: MA, loss, verbatim, zlib.
+
+    What a corpus scan keeps of a window. The formulas are TokenScores' own (one definition of each)."""
+
+    hits: np.ndarray  # bool: teacher-forced argmax == x_t, for x_2..x_T
+    logprobs: np.ndarray  # log p(x_t | x_<t), float64
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.hits) + 1
+
+    ma = TokenScores.ma
+    loss = TokenScores.loss
+    verbatim = TokenScores.verbatim
+    zlib_ratio = TokenScores.zlib_ratio
+
+
+# Logits are normalized a few positions at a time: a float32 copy of this many bytes stays in cache, where one
+# of the whole batch (hundreds of MB for a large vocabulary) would be written to memory and read back.
+CHUNK_BYTES = 4 << 20
+
+
+@torch.no_grad()
+def lean_scores(model, token_lists: list[list[int]], runtime: Runtime, batch_size: int = 8,
+                pad_id: int = 0) -> list[LeanScores]:
+    """score_tokens without Min-K%++ or the greedy tokens: the same hits and log-probabilities (up to float
+    rounding) at a fraction of the per-token cost.
+
+    score_tokens makes several float32 passes over the vocabulary per token (log_softmax, exp, mu, sigma) on
+    a copy of the whole row; here one cache-sized chunk of positions at a time gives the maximum (and its
+    first index: the greedy guess) and the log-normalizer. Callers that score many batches can wrap the calls
+    in one `runtime.autocast()` region: autocast then casts the weights once instead of once per batch.
+    """
+    results: list[LeanScores | None] = [None] * len(token_lists)
+    for indices in length_batches(token_lists, batch_size):
+        batch = [token_lists[i] for i in indices]
+        input_ids, mask = pad(batch, pad_id)
+        input_ids, mask = input_ids.to(runtime.device), mask.to(runtime.device)
+        with runtime.autocast():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        for row, index in enumerate(indices):
+            targets = input_ids[row, 1 : len(batch[row])]
+            hits, logprobs = _hits_and_logprobs(logits[row, : len(targets)], targets)
+            results[index] = LeanScores(hits=hits.cpu().numpy(), logprobs=logprobs.cpu().double().numpy())
+    return results  # type: ignore[return-value]
+
+
+def _hits_and_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (T-1, V) in any float dtype, row t-1 the distribution over x_{t+1}; targets: (T-1,)."""
+    step = max(1, CHUNK_BYTES // (4 * logits.shape[-1]))
+    hits, logprobs = [], []
+    for start in range(0, len(targets), step):
+        chunk = logits[start : start + step].float()  # exact: bf16 and fp16 values are float32 values
+        wanted = targets[start : start + step]
+        # max(dim) returns the first maximal index, as argmax does: ties go to the lowest token id (SPEC).
+        best, guess = chunk.max(-1)
+        target_logits = chunk.gather(-1, wanted[:, None]).squeeze(-1)
+        log_norm = best + chunk.sub_(best[:, None]).exp_().sum(-1).log()
+        hits.append(guess == wanted)
+        logprobs.append(target_logits - log_norm)
+    return torch.cat(hits), torch.cat(logprobs)

@@ -22,8 +22,8 @@ class Batch:
 
     @classmethod
     def of(cls, token_lists: list[list[int]], indices: list[int], pad_id: int, device: torch.device) -> Batch:
-        input_ids, mask = pad([token_lists[i] for i in indices], pad_id)
-        return cls(list(indices), input_ids.to(device), mask.to(device))
+        input_ids, mask = pad([token_lists[i] for i in indices], pad_id, device=device)
+        return cls(list(indices), input_ids, mask)
 
     @property
     def target_mask(self) -> torch.Tensor:

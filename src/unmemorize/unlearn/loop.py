@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..evaluate.utility import utility, utility_drop
 from ..measure.band import EXTRACTABLE, Band, calibrate
@@ -67,6 +68,19 @@ def blocking(scores, band: Band, prefix_tokens: int) -> list[int]:
 def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], settings: UnlearnSettings,
                      sets: TokenSets, work: Path, utility_before: dict, accelerator,
                      grad_mask: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> LoopOutcome:
+    columns = (TextColumn("unlearning"), BarColumn(), MofNCompleteColumn(), TextColumn("steps · {task.fields[status]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, transient=True, disable=not accelerator.is_main_process) as progress:
+        task = progress.add_task("unlearning", total=settings.max_steps, status="scoring the request")
+
+        def show(step: int, above: int) -> None:
+            progress.update(task, completed=step, status=f"{above} of {len(sets.forget)} above the band or verbatim")
+
+        return _steps(ctx, objective, params, settings, sets, work, utility_before, accelerator, grad_mask, show)
+
+
+def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: UnlearnSettings, sets: TokenSets,
+           work: Path, utility_before: dict, accelerator, grad_mask, show) -> LoopOutcome:
     model, audit = ctx.model, settings.audit
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(0.9, 0.98))  # Jang et al.
     objective.prepare(ctx)  # on the plain model: a frozen copy of a DDP wrapper cannot be made
@@ -97,6 +111,7 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
             band, holdout_mean = calibrate_band(ctx, sets, settings)
         above = blocking(scores, band, audit.prefix_tokens)
         ma = [s.ma for s in scores]
+        show(step, len(above))
         if settings.stop == "band" and not above and not fresh:
             band, holdout_mean = calibrate_band(ctx, sets, settings)  # declare the target only on a fresh band
             above = blocking(scores, band, audit.prefix_tokens)

@@ -82,6 +82,8 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
 
     if "holdout" not in sets:
         raise InputError("unlearn needs --holdout: the band of 'looks unseen' is calibrated on it")
+    if not general:
+        raise InputError("unlearn needs general text (--general) for the utility guard's perplexity")
     # First, so that under torchrun / accelerate launch each process is on its own device before the model
     # loads. Every process computes the same thing on its shard; only the main process writes files.
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")

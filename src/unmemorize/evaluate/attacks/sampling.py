@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ...measure.band import EXTRACTABLE
+from ...measure.extraction import continue_prompts
 from ...model import Runtime
-from ...tokens import pad
 from .common import AttackContext, counts, sequence_row
 
 NOT_EXTRACTED = "not_extracted"
@@ -62,37 +62,12 @@ def next_token(logits: torch.Tensor, top_k: int, temperature: float, generator: 
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def sample_continuations(model, prompts: list[list[int]], new_tokens: list[int], runtime: Runtime, batch_size: int,
                          pad_id: int, top_k: int, temperature: float, seed: int) -> list[list[int]]:
-    """Sample `new_tokens[i]` tokens after each prompt, batched with a KV cache (as measure.extraction decodes).
-
-    Prompts are left-padded and position ids follow each prompt's real length, so padding changes nothing.
-    """
+    """Sample `new_tokens[i]` tokens after each prompt, batched with a KV cache as measure.extraction decodes."""
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    order = sorted((i for i in range(len(prompts)) if new_tokens[i] > 0), key=lambda i: (-new_tokens[i],
-                                                                                      -len(prompts[i])))
-    # One autocast region for all steps: autocast caches its low-precision weight copies only within one.
-    with runtime.autocast():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            input_ids, mask = pad([prompts[i] for i in rows], pad_id, left=True)
-            input_ids, mask = input_ids.to(runtime.device), mask.to(runtime.device)
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            past = None
-            for _ in range(max(new_tokens[i] for i in rows)):
-                out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                drawn = next_token(out.logits[:, -1], top_k, temperature, generator)
-                for row, index in enumerate(rows):
-                    if len(outputs[index]) < new_tokens[index]:
-                        outputs[index].append(int(drawn[row]))
-                input_ids = drawn[:, None]
-                positions = positions[:, -1:] + 1
-                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
-    return outputs
+    return continue_prompts(model, prompts, new_tokens, runtime, batch_size, pad_id,
+                            lambda logits: next_token(logits, top_k, temperature, generator))
 
 
 def _sample_set(ctx: AttackContext, token_lists: list[list[int]]) -> list[dict]:

@@ -1,0 +1,51 @@
+"""The Python API end to end: audit a request, unlearn it with `sga`, attack the result.
+
+    python examples/quickstart.py MODEL FORGET HOLDOUT RETAIN OUT
+
+MODEL is a Hugging Face folder (or hub id, or .gguf); FORGET, HOLDOUT, RETAIN are set files (JSONL, CSV,
+Parquet, .txt); OUT is a new folder for the run. With the demo's files:
+
+    python examples/quickstart.py ~/.cache/unmemorize/victim-* unmemorize-demo/data/{forget,holdout,retain}.jsonl run/
+"""
+
+import sys
+from pathlib import Path
+
+from unmemorize import (
+    AttackSettings,
+    AuditSettings,
+    UnlearnSettings,
+    audit,
+    load_model,
+    load_set,
+    make_runtime,
+    run_attacks,
+    unlearn,
+)
+from unmemorize.embedded import default_general
+
+
+def main(model_path: str, forget: str, holdout: str, retain: str, out: str) -> None:
+    runtime = make_runtime()  # auto: the GPU if there is one, bf16 autocast where it is fast
+    sets = {"forget": load_set(forget), "holdout": load_set(holdout), "retain": load_set(retain)}
+    settings = AuditSettings(el_n=[])  # EL off for speed; MA, verbatim and the MIA scores remain
+
+    # 1. Which requested sequences does the model still give away?
+    model, tokenizer = load_model(model_path, runtime)
+    before = audit(model, tokenizer, sets, settings, runtime)
+    for row in before.of("forget"):
+        print(f"{row.id} {row.hash} MA {row.ma:.2f} {row.status}{' verbatim' if row.verbatim else ''}")
+
+    # 2. Unlearn them, sequence by sequence, until none is above the band (writes OUT/: model, audits, report).
+    run = unlearn(model_path, sets, default_general(), UnlearnSettings(method="sga", retain_loss="nll",
+                                                                        audit=settings), runtime, Path(out))
+    print(f"target reached: {run.target_reached} after {run.run['steps']} steps ({run.run['stop_reason']})")
+
+    # 3. Does anything come back under attack?
+    unlearned, tokenizer = load_model(Path(out) / "model", runtime)
+    attacks = run_attacks(unlearned, tokenizer, sets, settings, runtime, AttackSettings(attacks=["quantize_8bit"]))
+    print(f"quantize_8bit returned {attacks['quantize_8bit']['returned_extractable']} sequence(s) to extractable")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:6])
