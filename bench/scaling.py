@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
     load_after = load_average()
     params = {p.model: p.params for p in points}
-    columns = [("axis", 6), ("model", 6), ("params", 6), ("sequences x tokens", 18), ("bare forward", 13),
-               ("audit, no EL", 13), (f"audit, EL_{EL_N}", 13), ("EL runs", 7), ("decode jobs / prefixes", 22),
+    columns = [("axis", 6), ("model", 6), ("params", 6), ("sequences x tokens", 18), ("bare forward", 15),
+               ("audit, no EL", 15), (f"audit, EL_{EL_N}", 15), ("EL runs", 7), ("decode jobs / prefixes", 22),
                ("mean MA", 7)]
     print("## Times (seconds, wall / CPU; fastest of the runs; — : not measured at this point)")
     print("| " + " | ".join(f"{name:<{width}}" for name, width in columns) + " |")
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         el_cells = (f"{p.el_runs}", f"{p.jobs} / {p.prefixes}", f"{p.ma:.2f}") if p.el else ("—", "—", "—")
         print(f"| {p.axis:<6} | {p.model:<6} | {p.params / 1e6:5.1f}M | {p.count:>8} x {p.length:<7} "
-              f"| {seconds(p.bare):>13} | {seconds(p.no_el):>13} | {seconds(p.with_el):>13} | {el_cells[0]:>7} "
+              f"| {seconds(p.bare):>15} | {seconds(p.no_el):>15} | {seconds(p.with_el):>15} | {el_cells[0]:>7} "
               f"| {el_cells[1]:>22} | {el_cells[2]:>7} |")
     print()
 
