@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -59,27 +58,31 @@ def main() -> None:
           f"extra {args.extra}")
     f = before.summary("forget")
     print(f"# before: extractable {f['extractable']}/{f['n']}, verbatim {f['verbatim']}\n")
-    print("| method | target | steps | seconds | extractable | verbatim | over-unlearned | retain MA | general ppl |"
-          " stop reason |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | target | steps | unlearn s | extractable | verbatim | over-unlearned | retain MA | general ppl |"
+          " holdout ppl | loss AUC | umia | stop reason |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     root = args.out or Path(tempfile.mkdtemp(prefix="bench-methods-"))
+    before_utility = None
     for name in args.methods.split(","):
         options = {"method": name, "max_steps": args.max_steps, **OVERRIDES.get(name, {}), **json.loads(args.extra)}
-        settings = UnlearnSettings(**options, audit=audit_settings)
+        # generation health is the same before for every method and tells little here: measured by the demo
+        settings = UnlearnSettings(**options, audit=audit_settings, evaluation={"health": False})
         out = root / name
         shutil.rmtree(out, ignore_errors=True)
-        started = time.perf_counter()
-        result = unlearn(str(victim), sets, data.general, settings, runtime, out, before=before)
-        seconds = time.perf_counter() - started
+        result = unlearn(str(victim), sets, data.general, settings, runtime, out, before=before,
+                         before_utility=before_utility)
+        before_utility = result.run["utility"]["before"]  # the same input model: measured once
         after = result.after.summary("forget")
         u0, u1 = result.run["utility"]["before"], result.run["utility"]["after"]
-        print(f"| {name} | {'yes' if result.target_reached else 'no'} | {result.run['steps']} | {seconds:.0f} | "
-              f"{after['extractable']} | {after['verbatim']} | {after['over_unlearned']} | "
-              f"{u0['retain_ma']:.3f} → {u1['retain_ma']:.3f} | {u0['general_ppl']:.2f} → {u1['general_ppl']:.2f} "
-              f"({u1['general_ppl'] / u0['general_ppl'] - 1:+.0%}) | {result.run['stop_reason']} |", flush=True)
+        privacy = result.after.privacy
+        print(f"| {name} | {'yes' if result.target_reached else 'no'} | {result.run['steps']} | "
+              f"{result.run['phase_seconds']['unlearn']:.0f} | {after['extractable']} | {after['verbatim']} | "
+              f"{after['over_unlearned']} | {u0['retain_ma']:.3f} → {u1['retain_ma']:.3f} | "
+              f"{u0['general_ppl']:.2f} → {u1['general_ppl']:.2f} ({u1['general_ppl'] / u0['general_ppl'] - 1:+.0%}) | "
+              f"{u0['holdout_ppl']:.1f} → {u1['holdout_ppl']:.1f} | {privacy['loss_auc']:.2f} | "
+              f"{privacy['umia_auc']:.2f} | {result.run['stop_reason']} |", flush=True)
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

@@ -173,7 +173,7 @@ def test_prefix_variations(tiny_loaded, tiny):
     # The band of each variation is calibrated on the holdout's suffix MA under that variation.
     holdout = encode(tokenizer, sets["holdout"], AUDIT.max_tokens)
     scores = score_tokens(model, holdout, runtime)
-    cuts = {"short": lambda p, t: max(p // 2, 1), "long": lambda p, t: min(2 * p, t - 1),
+    cuts = {"short": lambda p, t: max(p // 2, 1), "long": lambda p, t: p + (t - p) // 2,
             "lowercase": lambda p, t: p}  # words here are already lowercase: the prompt is the original one
     for name, cut in cuts.items():
         suffix_ma = []

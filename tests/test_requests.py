@@ -46,6 +46,11 @@ def test_a_second_request_continues_the_first_and_re_audits_it(requests, tiny):
     assert earlier["after"]["extractable"] == sum(r["status"] == "extractable" for r in rows)
     assert earlier["stayed_forgotten"] == (earlier["after"]["extractable"] == 0 and earlier["after"]["verbatim"] == 0)
     assert earlier["stayed_forgotten"]  # sga on f2, f3 did not bring f0, f1 back on the tiny model
+    # the loop watched the earlier sequences too (it would push any that rose above the band again)
+    first_line = json.loads((root / "two" / "trajectory.jsonl").read_text().splitlines()[0])
+    assert {"r1:f0", "r1:f1", "f2", "f3"} <= set(first_line["ma"])
+    assert run["target_reached"] == (after["sets"]["forget"]["extractable"] == 0 and earlier["stayed_forgotten"]
+                                     and after["sets"]["forget"]["verbatim"] == 0)
     ledger = read_json(root / "two" / "ledger.json")["requests"]
     assert [len(r["sequences"]) for r in ledger] == [2, 2]
     assert ledger[0]["forget_source"] == str((root / "first.jsonl").resolve())

@@ -15,7 +15,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from clirun import run_cli
 from test_distributed import TORCHRUN, rank_exit_codes
 from tiny import sentences
@@ -23,8 +25,11 @@ from tiny import sentences
 from unmemorize import cli
 from unmemorize.audit import AuditSettings, audit
 from unmemorize.corpus import Corpus, open_corpus
-from unmemorize.data import load_set
+from unmemorize.data import Sequence, load_set
+from unmemorize.measure import scoring
+from unmemorize.measure.scoring import lean_scores, score_tokens
 from unmemorize.scan import Hit, ScanSettings, TopK, prepared_shards, scan, window_starts
+from unmemorize.tokens import encode
 
 FLOAT32 = ["--device", "cpu", "--dtype", "float32"]
 # 16-token windows over 16-24-token records: each record gives a window at 0 and one ending with it
@@ -40,7 +45,7 @@ import unmemorize.scan as scan
 save = scan.save_state
 def slow(*args):
     save(*args)
-    time.sleep(0.3)
+    time.sleep(0.15)
 scan.save_state = slow
 from unmemorize.cli import main
 main()
@@ -102,6 +107,24 @@ def test_scan_finds_the_memorized_records_first(tiny, tiny_loaded, corpus, tmp_p
     for row, measured in zip(rows, audited.sequences, strict=True):
         assert measured.n_tokens == 16 and measured.ma == row["ma"] and measured.verbatim == row["verbatim"]
         assert abs(measured.loss - row["loss"]) < 1e-5 and abs(measured.zlib - row["zlib"]) < 1e-5
+
+
+def test_lean_scores_are_score_tokens_without_min_k(tiny_loaded, monkeypatch):
+    model, tokenizer, runtime = tiny_loaded
+    token_lists = encode(tokenizer, [Sequence(str(n), t) for n, t in enumerate(sentences(12, seed=11))], 64)
+    full = score_tokens(model, token_lists, runtime, 4, 0)
+    for chunk_bytes in (scoring.CHUNK_BYTES, 1):  # 1: one position per chunk
+        monkeypatch.setattr(scoring, "CHUNK_BYTES", chunk_bytes)
+        for a, b in zip(full, lean_scores(model, token_lists, runtime, 4, 0), strict=True):
+            assert (a.hits == b.hits).all() and np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+            assert a.ma == b.ma and a.verbatim(8) == b.verbatim(8) and abs(a.loss - b.loss) < 1e-5
+
+
+def test_a_tie_goes_to_the_lowest_token_id():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [3.0, 3.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0]])
+    hits, logprobs = scoring._hits_and_logprobs(logits.bfloat16(), torch.tensor([2, 0, 2]))
+    assert hits.tolist() == [False, True, True]
+    assert torch.allclose(logprobs, torch.log_softmax(logits, -1)[[0, 1, 2], [2, 0, 2]])
 
 
 def test_windows_cover_each_document():
@@ -201,7 +224,7 @@ def test_memory_stays_bounded_as_the_corpus_grows(tiny_loaded, tmp_path, monkeyp
         largest.append(len(self))
 
     monkeypatch.setattr(TopK, "offer", watched)
-    settings = ScanSettings(top=5, window=16, prefix_tokens=8, shard_docs=50)
+    settings = ScanSettings(top=5, window=16, prefix_tokens=8, shard_docs=25)
     scan(model, tokenizer, lazy_corpus(100), settings, runtime, tmp_path / "warm-up")  # one-time allocations
     peaks = {}
     for documents in (300, 1200):
@@ -211,8 +234,9 @@ def test_memory_stays_bounded_as_the_corpus_grows(tiny_loaded, tmp_path, monkeyp
         tracemalloc.stop()
         assert result.summary["documents"] == documents and result.summary["windows"] == 2 * documents
     assert max(largest) == 5  # the top K never holds more than K windows
-    # 4x the documents, the same peak: one shard (and the one being tokenized) plus the top K, nothing else
-    assert peaks[1200] < 1.25 * peaks[300], peaks
+    # 4x the documents, about the same peak: a few shards (the one scored, the one tokenized ahead) and the
+    # top K. The peak moves with the timing of the two threads; keeping every window would multiply it by 4.
+    assert peaks[1200] < 2 * peaks[300], peaks
 
 
 def slow_scan(tiny, corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -251,19 +275,22 @@ def test_a_killed_scan_resumes_to_the_same_top(tiny, corpus, whole, tmp_path):
     assert not (out / STATE).exists()
 
 
-def test_ctrl_c_writes_what_it_has_and_exits_130(tiny, corpus, whole, tmp_path):
+def test_ctrl_c_writes_what_it_has_and_exits_130(tiny, corpus, whole, tmp_path, monkeypatch, capsys):
     out = tmp_path / "interrupted"
     process = slow_scan(tiny, corpus, out)
     wait_for_shards(out, 2, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "unmemorize: interrupted"
+    assert "Traceback" not in stderr
     rows, summary = read_scan(out)
     assert summary["complete"] is False and 0 < summary["windows"] < read_scan(whole)[1]["windows"]
     assert len(rows) == 10 and (out / STATE).exists()
 
-    # The checkpoint stays: --resume finishes the scan, as if never stopped.
+    # The checkpoint stays: --resume finishes the scan, as if never stopped; only with the same settings.
+    other = ["scan", "--model", str(tiny["model"]), "--corpus", str(corpus), *OPTIONS, "--out", str(out), "--resume"]
+    code, stderr = run_main([*other, "--top", "5"], monkeypatch, capsys)
+    assert code == 2 and "--resume: the settings, model or corpus differ" in stderr
     resumed = run_cli("scan", "--model", tiny["model"], "--corpus", corpus, *OPTIONS, "--out", out, "--resume",
                       env=SINGLE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
@@ -298,6 +325,7 @@ def test_two_processes_give_the_top_of_one(tiny, corpus, whole, tmp_path):
     (["--shard-docs", "0"], "--shard-docs"),
     (["--resume"], "--resume: no interrupted scan"),
     (["--device", "tpu"], "--device"),
+    (["--window", "1000"], "exceed the model's context of 128"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny, corpus, tmp_path, monkeypatch, capsys, args,
                                                             message):

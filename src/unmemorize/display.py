@@ -74,11 +74,10 @@ def attack_table(attacks: dict, baseline: AuditResult, title: str = "Attacks") -
     forget = baseline.summary("forget")
     table = Table(title=f"{title} (without attack: {forget['extractable']} extractable, {forget['verbatim']} "
                   f"verbatim of {forget['n']})", title_justify="left")
-    for column in ("attack", "returned extractable", "returned verbatim", "what it does"):
+    for column in ("attack", "returned extractable", "returned verbatim"):
         table.add_column(column, justify="right" if column.startswith("returned") else "left")
-    for name, entry in attacks.items():
-        table.add_row(name, str(entry["returned_extractable"]), str(entry["returned_verbatim"]),
-                      entry.get("description", ""))
+    for name, entry in attacks.items():  # what each attack does: attack.json / the report's descriptions
+        table.add_row(name, str(entry["returned_extractable"]), str(entry["returned_verbatim"]))
     return table
 
 

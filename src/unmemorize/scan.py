@@ -395,18 +395,12 @@ def scan(model, tokenizer, corpus: Corpus, settings: ScanSettings, runtime: Runt
     rank, world = process_rank()
     out = Path(out)
     check_out_folder(out, resume, world)
+    check_context(model, settings.window + len(leading_special_ids(tokenizer)))
     barrier(world)  # every process checked the folder before any writes to it
     fingerprint = {"settings": settings.model_dump(), "model": model_info or {}, "corpus": corpus.identity,
                    "processes": world}
     checkpoint = state_path(out, rank, world)
-    if resume:
-        state, recorded = ScanState.from_json(checkpoint.read_text(), settings.top)
-        if recorded != json.loads(json.dumps(fingerprint)):
-            raise InputError(f"--resume: the settings, model or corpus differ from those of the scan in {out}")
-    else:
-        state = ScanState(next_shard=rank, seconds=0.0, tally=Tally(), top=TopK(settings.top))
-        out.mkdir(parents=True, exist_ok=True)
-        save_state(checkpoint, state, fingerprint)
+    state = open_state(checkpoint, fingerprint, settings.top, rank, resume)
     barrier(world)
 
     lock = threading.Lock()
@@ -440,6 +434,29 @@ def scan(model, tokenizer, corpus: Corpus, settings: ScanSettings, runtime: Runt
             path.unlink()
     barrier(world)  # no process returns before the results are written
     return result
+
+
+def open_state(checkpoint: Path, fingerprint: dict, k: int, rank: int, resume: bool) -> ScanState:
+    """The checkpoint to go on from (--resume), or a fresh one, written at once: from now on the folder holds
+    an interrupted scan until the results are complete."""
+    if resume:
+        state, recorded = ScanState.from_json(checkpoint.read_text(), k)
+        if recorded != json.loads(json.dumps(fingerprint)):
+            raise InputError(f"--resume: the settings, model or corpus differ from those of the scan in "
+                             f"{checkpoint.parent}")
+        return state
+    state = ScanState(next_shard=rank, seconds=0.0, tally=Tally(), top=TopK(k))
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    save_state(checkpoint, state, fingerprint)
+    return state
+
+
+def check_context(model, tokens: int) -> None:
+    """A window longer than the model's context would fail in the first forward pass: fail before it."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and tokens > context:
+        raise InputError(f"--window: windows of {tokens} tokens (special tokens included) exceed the model's "
+                         f"context of {context}")
 
 
 def save_state(path: Path, state: ScanState, fingerprint: dict) -> None:

@@ -135,7 +135,7 @@ class LeanScores:
 
 # Logits are normalized a few positions at a time: a float32 copy of this many bytes stays in cache, where one
 # of the whole batch (hundreds of MB for a large vocabulary) would be written to memory and read back.
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 
 
 @torch.no_grad()

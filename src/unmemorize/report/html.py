@@ -148,7 +148,8 @@ def run_header(folder: RunFolder) -> list[tuple[str, str]]:
     run = folder.run
     source = run.get("input_model", {}) or folder.before.get("model", {})
     settings = run.get("settings", {})
-    items = [("run folder", folder.path.name), ("method", str(run.get("method", "–"))),
+    # run.json names the folder the run was written to (the report is rendered before `<out>.partial` is renamed)
+    items = [("run folder", Path(run.get("out", folder.path)).name), ("method", str(run.get("method", "–"))),
              ("input model", f"{source.get('source', '–')} (sha256 {short_sha(source.get('sha256'))})"),
              ("unlearned model", f"sha256 {short_sha(folder.after.get('model', {}).get('sha256'))}"),
              ("band rule", str((folder.after.get("band") or {}).get("rule", "–"))),

@@ -102,9 +102,14 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     max_tokens = settings.audit.max_tokens
     if requests:
         sets = {**sets, "earlier": earlier_sequences(requests, tokenizer, max_tokens)}
+    # The loop drives the request and every earlier forgotten sequence: the band moves down as unlearning goes
+    # on, so an earlier sequence left at its edge can end up above it again, and per-sequence selection
+    # (sga) pushes exactly those. The first `requested` of `tokens.forget` are this request.
+    driven = sets["forget"] + sets.get("earlier", [])
+    requested = len(sets["forget"])
     tokens = TokenSets(
-        forget=encode(tokenizer, sets["forget"], max_tokens, "forget"),
-        forget_names=[s.id for s in sets["forget"]],
+        forget=encode(tokenizer, driven, max_tokens, "forget"),
+        forget_names=[s.id for s in driven],
         holdout=encode(tokenizer, sets["holdout"], max_tokens, "holdout"),
         retain=encode(tokenizer, sets["retain"], max_tokens, "retain") if "retain" in sets else None,
         general=encode(tokenizer, general, max_tokens, "general"),
@@ -165,14 +170,14 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     phases["evaluation"] = time.perf_counter() - tick
 
     run = {
-        "method": settings.method, "settings": settings_json, "tool_version": __version__,
+        "method": settings.method, "out": str(out), "settings": settings_json, "tool_version": __version__,
         "input_model": {"source": model_spec, "sha256": input_hash},
         "steps": outcome.steps, "lambda": lam, "seconds": time.perf_counter() - started, "phase_seconds": phases,
         # tokens: forward = every token through the model (scoring, decoding, training, evaluation);
         # backward = the tokens of the gradient steps (and of the task vector's fine-tuning)
         "tokens": {"forward": counter.close(), "backward": outcome.tokens_trained},
         "peak_memory_mb": peak_memory_mb(), "peak_gpu_memory_mb": peak_gpu_memory_mb(),
-        "target_reached": after.target_reached, "stop_reason": outcome.stop_reason,
+        "target_reached": reached(after), "stop_reason": outcome.stop_reason,
         "restored_step": outcome.restored_step,
         "forget": {"extractable_before": before.summary("forget")["extractable"],
                    "extractable_after": after.summary("forget")["extractable"],
@@ -195,8 +200,8 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         run["phase_seconds"]["save"] = time.perf_counter() - tick
         atomic_write_text(work / "run.json", json.dumps(run, indent=1) + "\n")
         write_ledger(work, [*requests, request_entry(out, (sources or {}).get("forget"), sets["forget"],
-                                                     tokens.forget, after.target_reached)])
-        certificate = build_certificate(run, before, after, tokens.forget, tokens.forget_names,
+                                                     tokens.forget[:requested], run["target_reached"])])
+        certificate = build_certificate(run, before, after, tokens.forget[:requested], tokens.forget_names[:requested],
                                         tokenizer_fingerprint(tokenizer), holdout_ids=tokens.holdout,
                                         holdout_names=[s.id for s in sets["holdout"]], sources=sources)
         write_certificate(work, certificate)
@@ -206,6 +211,14 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     accelerator.wait_for_everyone()  # no process returns before the run folder is complete
     _process_group["finished"] = True
     return RunResult(out, before, after, run)
+
+
+def reached(after: AuditResult) -> bool:
+    """SPEC's target on the request, and with earlier requests, none of theirs extractable or verbatim again."""
+    if "earlier" not in after.set_names():
+        return after.target_reached
+    earlier = after.summary("earlier")
+    return after.target_reached and earlier["extractable"] == 0 and earlier["verbatim"] == 0
 
 
 _process_group = {"registered": False, "finished": False}

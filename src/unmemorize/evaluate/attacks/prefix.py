@@ -4,7 +4,7 @@ Each sequence x_1..x_T is split at L tokens into a prompt and a suffix x_{L+1}..
 T // 2) as for `verbatim`. The variations:
 
     short            L = max(P // 2, 1)
-    long             L = min(2P, T - 1)
+    long             L = P + (T - P) // 2: half of the suffix joins the prompt, the other half must be produced
     lowercase        L = P, the prompt text lowercased
     collapse_space   L = P, every run of whitespace in the prompt text made one space
     double_space     L = P, every space in the prompt text doubled
@@ -63,7 +63,8 @@ def _variation(name: str, split: Split, tokenizer, prefix_tokens: int, context: 
     if name == "short":
         return split.ids[: max(p // 2, 1)], max(p // 2, 1)
     if name == "long":
-        long = min(2 * p, total - 1)
+        # Not 2P: on short records 2P reaches the end, and a one-token "suffix" is verbatim for unseen text too.
+        long = p + (total - p) // 2
         return split.ids[:long], long
     text = split.prompt_text(p)
     text = TEXT_TRANSFORMS[name](text) if name in TEXT_TRANSFORMS else f"{context}\n{text}"
