@@ -95,8 +95,8 @@ def test_scan_finds_the_memorized_records_first(tiny, tiny_loaded, corpus, tmp_p
 
     assert summary["complete"] is True and summary["documents"] == 624 and summary["skipped_records"] == 0
     assert summary["top"] == 10 and summary["tokens"] == 16 * summary["windows"]
-    histogram = summary["ma_histogram"]
-    assert len(histogram["edges"]) == len(histogram["counts"]) + 1 and sum(histogram["counts"]) == summary["windows"]
+    histogram, edges = summary["ma_histogram"], summary["ma_histogram_edges"]
+    assert len(edges) == len(histogram) + 1 and sum(histogram) == summary["windows"]
     assert summary["tokens_per_s"] > 0 and summary["settings"]["window"] == 16
     assert not list((tmp_path / "scan").glob(".scan-state*"))  # a complete scan leaves no checkpoint
 

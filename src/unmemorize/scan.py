@@ -6,10 +6,11 @@ One shard (`shard_docs` corpus records) at a time:
     (stream)   (parse)     (tokenize)    (cut)    (one forward      (a heap of K)     (per shard)
     └──── a background thread, one shard ahead ────┘  per batch)
 
-Memory holds about two shards and the top K, whatever the size of the corpus. After every shard the top K and
-the tallies are checkpointed, so `--resume` skips the shards already done and ends with the top K of an
-uninterrupted scan. Under torchrun / accelerate launch, process r takes shards r, r + n, r + 2n, ... of n;
-rank 0 gathers the heaps and tallies, merges them and writes the results.
+Memory holds at most three shards (the one scored, one waiting, one being tokenized) and the top K, whatever
+the size of the corpus. After every shard the top K and the tallies are checkpointed, so `--resume` skips the
+shards already done and ends with the top K of an uninterrupted scan. Under torchrun / accelerate launch,
+process r of n takes shards r, r + n, r + 2n, ...; rank 0 gathers the heaps and tallies, merges them and
+writes the results.
 
 Windows. A document of n tokens (tokenized without special tokens) gives the windows [s, s + W) for
 s = 0, S, 2S, ... while s + W <= n, and a last window [n - W, n) when these leave a tail uncovered. Every
@@ -498,7 +499,8 @@ def write_results(out: Path, state: ScanState, fingerprint: dict, complete: bool
     summary = {
         "documents": tally.documents, "windows": tally.windows, "tokens": tally.tokens, "seconds": state.seconds,
         "tokens_per_s": tally.tokens / state.seconds if state.seconds > 0 else 0.0,
-        "ma_histogram": {"edges": MA_EDGES, "counts": tally.ma_counts},
+        # SPEC: a list (window counts per MA bin); the bin edges beside it
+        "ma_histogram": tally.ma_counts, "ma_histogram_edges": MA_EDGES,
         "complete": complete, "top": len(rows), "verbatim_windows": tally.verbatim_windows,
         "skipped_records": tally.skipped_records, "short_documents": tally.short_documents,
         "settings": fingerprint["settings"], "model": fingerprint["model"], "corpus": fingerprint["corpus"],

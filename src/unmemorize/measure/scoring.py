@@ -85,8 +85,7 @@ def score_tokens(model, token_lists: list[list[int]], runtime: Runtime, batch_si
     results: list[TokenScores | None] = [None] * len(token_lists)
     for indices in length_batches(token_lists, batch_size):
         batch = [token_lists[i] for i in indices]
-        input_ids, mask = pad(batch, pad_id)
-        input_ids, mask = input_ids.to(runtime.device), mask.to(runtime.device)
+        input_ids, mask = pad(batch, pad_id, device=runtime.device)
         with runtime.autocast():
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
         for row, index in enumerate(indices):
@@ -152,8 +151,7 @@ def lean_scores(model, token_lists: list[list[int]], runtime: Runtime, batch_siz
     results: list[LeanScores | None] = [None] * len(token_lists)
     for indices in length_batches(token_lists, batch_size):
         batch = [token_lists[i] for i in indices]
-        input_ids, mask = pad(batch, pad_id)
-        input_ids, mask = input_ids.to(runtime.device), mask.to(runtime.device)
+        input_ids, mask = pad(batch, pad_id, device=runtime.device)
         with runtime.autocast():
             logits = model(input_ids=input_ids, attention_mask=mask).logits
         for row, index in enumerate(indices):
