@@ -134,20 +134,16 @@ def _mean_or_none(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSettings | None = None,
-          runtime: Runtime | None = None, *, reference: AuditResult | None = None,
-          model_info: dict | None = None) -> AuditResult:
-    """Measure every sequence of every set (keys: forget, holdout, retain, ...) under `model`.
-
-    The band is calibrated on this model's holdout MA. `reference` is an audit of the original model; with
-    it, the privacy report adds the `ref` attack (loss minus the original model's loss).
-    """
-    settings = settings or AuditSettings()
-    runtime = runtime or make_runtime()
-    pad_id = pad_id_of(tokenizer)
+def measure_rows(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSettings, runtime: Runtime,
+                 pad_id: int, shard: tuple[int, int] | None = None) -> list[SequenceResult]:
+    """Every per-sequence measure (rows without status), set by set in input order. With `shard` (rank, world),
+    only the sequences whose index within their set is rank modulo world."""
+    rank, world = shard or (0, 1)
     rows: list[SequenceResult] = []
-    for set_name, sequences in sets.items():
-        token_lists = encode(tokenizer, sequences, settings.max_tokens, set_name)
+    for set_name, all_sequences in sets.items():
+        # Every process encodes the whole set: a sequence too short fails on every rank alike.
+        token_lists = encode(tokenizer, all_sequences, settings.max_tokens, set_name)[rank::world]
+        sequences = all_sequences[rank::world]
         scores = score_tokens(model, token_lists, runtime, settings.batch_size, pad_id)
         ns = settings.el_n if settings.el_sets is None or set_name in settings.el_sets else []
         els = extraction_likelihoods(model, scores, ns, runtime, 2 * settings.batch_size, pad_id)
@@ -156,6 +152,42 @@ def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSett
                 set=set_name, id=seq.id, hash=seq.short_hash, n_tokens=score.n_tokens, ma=score.ma, el=el,
                 verbatim=score.verbatim(settings.prefix_tokens), loss=score.loss, zlib=score.zlib_ratio(seq.text),
                 mink=score.mink, minkpp=score.minkpp, text=seq.text))
+    return rows
+
+
+def gather_rows(rows: list[SequenceResult], sets: dict[str, list[Sequence]], world: int) -> list[SequenceResult]:
+    """Every process's shard of rows (see `measure_rows`), gathered to every process in the one-process order.
+    Every process of the group must call it."""
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, rows)
+    return merge_shards(parts, sets)
+
+
+def merge_shards(parts: list[list[SequenceResult]], sets: dict[str, list[Sequence]]) -> list[SequenceResult]:
+    """The rows of shards 0..world-1 (see `measure_rows`) in the one-process order."""
+    world = len(parts)
+    by_part = [{name: [r for r in part if r.set == name] for name in sets} for part in parts]
+    return [by_part[i % world][name][i // world] for name, sequences in sets.items() for i in range(len(sequences))]
+
+
+def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSettings | None = None,
+          runtime: Runtime | None = None, *, reference: AuditResult | None = None,
+          model_info: dict | None = None, shard: tuple[int, int] | None = None) -> AuditResult:
+    """Measure every sequence of every set (keys: forget, holdout, retain, ...) under `model`.
+
+    The band is calibrated on this model's holdout MA. `reference` is an audit of the original model; with
+    it, the privacy report adds the `ref` attack (loss minus the original model's loss). `shard` (rank, world)
+    under torch.distributed: every process measures its share of the sequences and every process gets the
+    whole result (every process of the group must call it).
+    """
+    settings = settings or AuditSettings()
+    runtime = runtime or make_runtime()
+    pad_id = pad_id_of(tokenizer)
+    rows = measure_rows(model, tokenizer, sets, settings, runtime, pad_id, shard)
+    if shard is not None and shard[1] > 1:
+        rows = gather_rows(rows, sets, shard[1])
     band = None
     if "holdout" in sets:
         band = calibrate(settings.band, [r.ma for r in rows if r.set == "holdout"])

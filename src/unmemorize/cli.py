@@ -82,7 +82,11 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
           max_tokens: MaxTokens = 256, prefix_tokens: PrefixTokens = 32, el_n: ElN = "10",
           band: BandRule = "quantile:0.05,0.95", show_text: ShowText = False, allow_pickle: AllowPickle = False,
           trust_remote_code: TrustRemoteCode = False, oracle: Oracle = None, decoding: Decoding = None) -> None:
-    """Per-sequence measures, the band, statuses and privacy AUCs; writes audit.json and audit.csv."""
+    """Per-sequence measures, the band, statuses and privacy AUCs; writes audit.json and audit.csv. Data parallel
+    under torchrun."""
+    import contextlib
+    import os
+
     from .audit import audit as run_audit
     from .display import print_audit, print_oracle
     from .evaluate.suite import audit_oracle, evaluate_audit
@@ -95,15 +99,23 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
     if oracle is not None and "holdout" not in sets:
         raise InputError("--oracle needs --holdout: the comparison uses both sets' statuses and AUCs")
     runtime = make_runtime(device, dtype)
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: data parallel, every process measures a share
+        from .scan import join_processes
+
+        rank, world = join_processes(runtime)
     load_options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     lm, tokenizer, info, wrap = load_measured_model(model, runtime, load_options, decoding_spec, sets, settings)
-    with console.status("measuring every sequence"):
+    with console.status("measuring every sequence") if rank == 0 else contextlib.nullcontext():
         measured = wrap(lm) if wrap else lm
-        result = run_audit(measured, tokenizer, sets, settings, runtime, model_info=info)
+        result = run_audit(measured, tokenizer, sets, settings, runtime, model_info=info,
+                           shard=(rank, world) if world > 1 else None)
         if decoding_spec is not None:
             result.extra["decoding"] = info["decoding"]
         oracle_audit = audit_oracle(oracle, sets, settings, runtime, load_options) if oracle else None
         evaluate_audit(result, measured, tokenizer, sets, settings, runtime, oracle_audit=oracle_audit)
+    if rank != 0:  # under torchrun only the main process reports and writes
+        return
     print_audit(result, console, show_text)
     print_oracle(result, console)
     if out is not None:

@@ -1,0 +1,100 @@
+"""Data-parallel audit: `torchrun --nproc_per_node 2 -m unmemorize audit` gives the audit of one process.
+
+Each rank measures every second sequence of each set; the rows are gathered back into the input order and the
+band, statuses and privacy AUCs are computed from all of them, so audit.json and audit.csv must match a
+one-process audit (floats to 1e-9: on CPU in float32 the ranks' different batches give the same values).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from clirun import run_cli
+
+from unmemorize.audit import AuditSettings, measure_rows, merge_shards
+from unmemorize.tokens import pad_id_of
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+TOL = 1e-9
+
+
+def arguments(tiny, out: Path) -> list[str]:
+    files = tiny["files"]
+    return ["audit", "--model", str(tiny["model"]), "--forget", str(files["forget"]), "--holdout",
+            str(files["holdout"]), "--retain", str(files["retain"]), "--dtype", "float32", "--device", "cpu",
+            "--el-n", "2", "--prefix-tokens", "8", "--batch-size", "3", "--out", str(out)]
+
+
+def assert_close(a, b, where: str = "") -> None:
+    """Equal structure and equal values; floats up to TOL (absolute and relative)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, a, b)
+        for key in a:
+            assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (where, a, b)
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(a, bool):
+        assert isinstance(b, (int, float)), (where, a, b)
+        assert math.isclose(a, b, rel_tol=TOL, abs_tol=TOL), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
+def test_two_processes_audit_like_one(tiny, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: a rendezvous on a free local port, so parallel test runs do not collide.
+    launched = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "unmemorize",
+                                 *arguments(tiny, tmp_path / "two")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    single = run_cli(*arguments(tiny, tmp_path / "one"), env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    stdout, stderr = launched.communicate(timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert launched.returncode == 0, stderr[-3000:]
+    assert stdout.count("Wrote") == 1  # only rank 0 reports and writes
+
+    one = json.loads((tmp_path / "one" / "audit.json").read_text())
+    two = json.loads((tmp_path / "two" / "audit.json").read_text())
+    assert one.keys() == two.keys()
+    assert one["model"]["sha256"] == two["model"]["sha256"]
+    for key in one.keys() - {"model"}:
+        assert_close(one[key], two[key], key)
+    assert [(s["set"], s["id"]) for s in one["sequences"]] == [(s["set"], s["id"]) for s in two["sequences"]]
+    assert {s["set"] for s in one["sequences"]} == {"forget", "holdout", "retain"}
+    assert one["privacy"] and one["band"] is not None
+
+    def csv_rows(folder: Path) -> list[list[str]]:
+        return list(csv.reader((folder / "audit.csv").read_text().splitlines()))
+
+    rows_one, rows_two = csv_rows(tmp_path / "one"), csv_rows(tmp_path / "two")
+    assert len(rows_one) == len(rows_two) == len(one["sequences"]) + 1
+    for a, b in zip(rows_one, rows_two, strict=True):
+        # set, id, hash, n_tokens, ma, el..., verbatim and status exactly; the float columns up to rounding
+        assert [a[i] for i in (0, 1, 2, 3, 4, -1)] == [b[i] for i in (0, 1, 2, 3, 4, -1)], (a, b)
+
+
+def test_shards_merge_to_the_one_process_rows(tiny_loaded, tiny):
+    """Three shards of sets of uneven sizes (one shard of a set empty) merge back into the one-process rows."""
+    model, tokenizer, runtime = tiny_loaded
+    sets = {"forget": tiny["sets"]["forget"][:5], "holdout": tiny["sets"]["holdout"][:2],
+            "retain": tiny["sets"]["retain"][:1]}
+    settings = AuditSettings(max_tokens=32, prefix_tokens=8, el_n=[2], batch_size=2)
+    pad_id = pad_id_of(tokenizer)
+    whole = measure_rows(model, tokenizer, sets, settings, runtime, pad_id)
+    parts = [measure_rows(model, tokenizer, sets, settings, runtime, pad_id, (rank, 3)) for rank in range(3)]
+    assert [len(p) for p in parts] == [4, 3, 1]
+    merged = merge_shards(parts, sets)
+    assert [(r.set, r.id) for r in merged] == [(r.set, r.id) for r in whole]
+    for a, b in zip(merged, whole, strict=True):
+        assert (a.n_tokens, a.ma, a.el, a.verbatim) == (b.n_tokens, b.ma, b.el, b.verbatim)
+        assert all(math.isclose(getattr(a, k), getattr(b, k), rel_tol=TOL, abs_tol=TOL)
+                   for k in ("loss", "zlib", "mink", "minkpp"))
