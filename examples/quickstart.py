@@ -1,9 +1,10 @@
 """The Python API end to end: audit a request, unlearn it with `sga`, attack the result.
 
-    python examples/quickstart.py MODEL FORGET HOLDOUT RETAIN OUT
+    python examples/quickstart.py MODEL FORGET HOLDOUT RETAIN OUT [LR]
 
 MODEL is a Hugging Face folder (or hub id, or .gguf); FORGET, HOLDOUT, RETAIN are set files (JSONL, CSV,
-Parquet, .txt); OUT is a new folder for the run. With the demo's files:
+Parquet, .txt); OUT is a new folder for the run; LR the learning rate (default 2e-5, right for the demo's
+135M model; a tiny model needs more). With the demo's files:
 
     python examples/quickstart.py ~/.cache/unmemorize/victim-* unmemorize-demo/data/{forget,holdout,retain}.jsonl run/
 """
@@ -25,7 +26,7 @@ from unmemorize import (
 from unmemorize.embedded import default_general
 
 
-def main(model_path: str, forget: str, holdout: str, retain: str, out: str) -> None:
+def main(model_path: str, forget: str, holdout: str, retain: str, out: str, lr: str = "2e-5") -> None:
     runtime = make_runtime()  # auto: the GPU if there is one, bf16 autocast where it is fast
     sets = {"forget": load_set(forget), "holdout": load_set(holdout), "retain": load_set(retain)}
     settings = AuditSettings(el_n=[])  # EL off for speed; MA, verbatim and the MIA scores remain
@@ -37,8 +38,8 @@ def main(model_path: str, forget: str, holdout: str, retain: str, out: str) -> N
         print(f"{row.id} {row.hash} MA {row.ma:.2f} {row.status}{' verbatim' if row.verbatim else ''}")
 
     # 2. Unlearn them, sequence by sequence, until none is above the band (writes OUT/: model, audits, report).
-    run = unlearn(model_path, sets, default_general(), UnlearnSettings(method="sga", retain_loss="nll",
-                                                                        audit=settings), runtime, Path(out))
+    unlearn_settings = UnlearnSettings(method="sga", retain_loss="nll", lr=float(lr), audit=settings)
+    run = unlearn(model_path, sets, default_general(), unlearn_settings, runtime, Path(out))
     print(f"target reached: {run.target_reached} after {run.run['steps']} steps ({run.run['stop_reason']})")
 
     # 3. Does anything come back under attack?
@@ -48,4 +49,4 @@ def main(model_path: str, forget: str, holdout: str, retain: str, out: str) -> N
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])
