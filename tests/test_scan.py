@@ -40,7 +40,10 @@ STATE = ".scan-state.0-of-1.json"
 
 # The real command line with a pause after each checkpoint, so a test can stop it between two shards.
 SLOW_CHECKPOINTS = """
+import signal
 import time
+# A shell starts background jobs with SIGINT ignored and Python keeps that: restore Ctrl-C as a terminal has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import unmemorize.scan as scan
 save = scan.save_state
 def slow(*args):
