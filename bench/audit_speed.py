@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
 from unmemorize import embedded
 from unmemorize.audit import AuditSettings, audit
@@ -40,16 +41,6 @@ from unmemorize.tokens import encode, length_batches, pad, pad_id_of
 
 EL_TARGET = 20.0  # the issue: EL_n at least 20x faster than the per-prefix reference
 SCORE_TARGET = 1.2  # score_tokens within 1.2x of one bare forward pass
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def victim_path() -> Path:

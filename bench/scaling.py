@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import transformers
+from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
 from unmemorize import embedded
 from unmemorize.audit import AuditSettings, audit
@@ -61,16 +62,6 @@ STARTED = time.perf_counter()
 def progress(message: str) -> None:
     """Progress on stderr, so stdout holds only the report."""
     print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:

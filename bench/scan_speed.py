@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
 from unmemorize import embedded
 from unmemorize import scan as scanning
@@ -46,16 +47,6 @@ from unmemorize.scan import ScanSettings, scan, window_batches
 from unmemorize.tokens import pad, pad_id_of
 
 TARGET = 0.85  # the issue: scan at 85% or more of a bare batched forward
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_corpus(path: Path, tokenizer, settings: ScanSettings, windows: int) -> None:

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import SUFFIXES, checked_file
 from .errors import InputError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 PARQUET_BATCH_ROWS = 1024
 
 # (line or row number, 1-based: how an error names the place; the record as read)
@@ -88,14 +88,7 @@ def open_corpus(source: str, text_field: str = "text", id_field: str | None = No
 
 
 def _file_corpus(source: str, text_field: str, id_field: str | None) -> Corpus:
-    path = Path(source)
-    if not path.exists():
-        raise InputError(f"{source}: file not found")
-    if path.is_dir():
-        raise InputError(f"{source}: is a folder, expected a file")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise InputError(f"{source}: unknown file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
+    path, suffix = checked_file(source, SUFFIXES)
     stat = path.stat()
     identity = {"source": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     fields = _field_reader(text_field, id_field)

@@ -31,19 +31,26 @@ class Sequence:
         return hashlib.sha256(self.text.encode()).hexdigest()[:8]
 
 
-def load_set(source: str | os.PathLike) -> list[Sequence]:
-    """Load one set. `source` is a file path or `hf:NAME[:SPLIT]`."""
-    source = str(source)
-    if source.startswith("hf:"):
-        return _validated(source, _hf_rows(source))
+def checked_file(source: str, suffixes: tuple[str, ...] | None = None) -> tuple[Path, str]:
+    """(path, lowercase suffix) of an existing file of a known type, or one clear InputError."""
+    suffixes = suffixes or SUFFIXES
     path = Path(source)
     if not path.exists():
         raise InputError(f"{source}: file not found")
     if path.is_dir():
         raise InputError(f"{source}: is a folder, expected a file")
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise InputError(f"{source}: unknown file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
+    if suffix not in suffixes:
+        raise InputError(f"{source}: unknown file type {suffix or '(none)'}; use one of {', '.join(suffixes)}")
+    return path, suffix
+
+
+def load_set(source: str | os.PathLike) -> list[Sequence]:
+    """Load one set. `source` is a file path or `hf:NAME[:SPLIT]`."""
+    source = str(source)
+    if source.startswith("hf:"):
+        return _validated(source, _hf_rows(source))
+    path, suffix = checked_file(source)
     if suffix == ".parquet":
         rows = _parquet_rows(path)
     else:
