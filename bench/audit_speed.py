@@ -30,14 +30,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from machine import cpu_model  # bench/machine.py: scripts run from bench/
+from machine import bare_forward, cpu_model  # bench/machine.py: scripts run from bench/
 
 from unmemorize import embedded
 from unmemorize.audit import AuditSettings, audit
 from unmemorize.measure.extraction import divergence_points, extraction_likelihoods, reference_extraction_likelihoods
 from unmemorize.measure.scoring import score_tokens
 from unmemorize.model import load_model, make_runtime
-from unmemorize.tokens import encode, length_batches, pad, pad_id_of
+from unmemorize.tokens import encode, pad_id_of
 
 EL_TARGET = 20.0  # the issue: EL_n at least 20x faster than the per-prefix reference
 SCORE_TARGET = 1.2  # score_tokens within 1.2x of one bare forward pass
@@ -86,15 +86,6 @@ def timed_pair(first: Callable[[], object], second: Callable[[], object], repeat
             fn()
             best[k] = min(best[k], time.perf_counter() - start)
     return best[0], best[1]
-
-
-@torch.no_grad()
-def bare_forward(model, token_lists: list[list[int]], runtime, batch_size: int, pad_id: int) -> None:
-    """The floor: the same batches as `score_tokens`, one forward pass each, logits left untouched."""
-    for indices in length_batches(token_lists, batch_size):
-        input_ids, mask = pad([token_lists[i] for i in indices], pad_id)
-        with runtime.autocast():
-            model(input_ids=input_ids.to(runtime.device), attention_mask=mask.to(runtime.device))
 
 
 @torch.no_grad()

@@ -1,9 +1,13 @@
-"""What the benchmarks print about the machine they ran on."""
+"""Shared by the benchmarks: the machine they ran on, and the floor they compare with."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
+
+import torch
+
+from unmemorize.tokens import length_batches, pad
 
 
 def cpu_model() -> str:
@@ -14,3 +18,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@torch.no_grad()
+def bare_forward(model, token_lists: list[list[int]], runtime, batch_size: int, pad_id: int) -> None:
+    """The floor: the batches `score_tokens` makes, one forward pass each, logits left untouched."""
+    for indices in length_batches(token_lists, batch_size):
+        input_ids, mask = pad([token_lists[i] for i in indices], pad_id, device=runtime.device)
+        with runtime.autocast():
+            model(input_ids=input_ids, attention_mask=mask)

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import transformers
-from machine import cpu_model  # bench/machine.py: scripts run from bench/
+from machine import bare_forward, cpu_model  # bench/machine.py: scripts run from bench/
 
 from unmemorize import embedded
 from unmemorize.audit import AuditSettings, audit
@@ -44,7 +44,7 @@ from unmemorize.data import Sequence
 from unmemorize.measure.extraction import divergence_points
 from unmemorize.measure.scoring import score_tokens
 from unmemorize.model import load_model, make_runtime
-from unmemorize.tokens import encode, length_batches, pad, pad_id_of
+from unmemorize.tokens import encode, pad_id_of
 
 EL_N = 10  # the default EL_n of AuditSettings
 
@@ -111,15 +111,6 @@ def timed_slow(fn: Callable[[], object], repeats: int, single_above: float) -> t
         if best.wall > single_above:
             break
     return best, runs
-
-
-@torch.no_grad()
-def bare_forward(model, token_lists: list[list[int]], runtime, batch_size: int, pad_id: int) -> None:
-    """The floor: the batches `score_tokens` makes, one forward pass each, logits left untouched."""
-    for indices in length_batches(token_lists, batch_size):
-        input_ids, mask = pad([token_lists[i] for i in indices], pad_id)
-        with runtime.autocast():
-            model(input_ids=input_ids.to(runtime.device), attention_mask=mask.to(runtime.device))
 
 
 def build_pool(tokenizer, count: int, min_tokens: int) -> tuple[list[Sequence], list[Sequence]]:

@@ -98,7 +98,6 @@ def test_shipped_task_data_is_well_formed():
 
 
 def test_downstream_runs_the_shipped_task_offline(tiny_loaded):
-    pytest.importorskip("lm_eval")
     from unmemorize.evaluate.downstream import downstream
 
     model, tokenizer, _ = tiny_loaded
@@ -116,7 +115,6 @@ def test_downstream_runs_the_shipped_task_offline(tiny_loaded):
 
 
 def test_downstream_unknown_task_is_an_input_error(tiny_loaded):
-    pytest.importorskip("lm_eval")
     from unmemorize.evaluate.downstream import downstream
 
     model, tokenizer, _ = tiny_loaded

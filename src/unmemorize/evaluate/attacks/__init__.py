@@ -73,19 +73,20 @@ class AttackSettings(BaseModel):
     @field_validator("attacks")
     @classmethod
     def _attacks(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in ATTACKS]
-        if unknown:
-            raise InputError(f"--attacks {unknown[0]!r}: unknown attack; choose from {', '.join(ATTACKS)}")
-        return list(dict.fromkeys(names))
+        return known(names, ATTACKS, "--attacks {!r}: unknown attack")
 
     @field_validator("prefix_variations")
     @classmethod
     def _variations(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in VARIATIONS]
-        if unknown:
-            raise InputError(f"prefix variation {unknown[0]!r}: unknown; choose from {', '.join(VARIATIONS)}")
-        return list(dict.fromkeys(names))
+        return known(names, VARIATIONS, "prefix variation {!r}: unknown")
 
+
+def known(names: list[str], allowed, message: str) -> list[str]:
+    """`names` without repeats, or one InputError naming the first unknown one."""
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise InputError(f"{message.format(unknown[0])}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
 
 def run_attacks(model: nn.Module, tokenizer, sets: dict[str, list[Sequence]], audit_settings: AuditSettings,
                 runtime: Runtime, settings: AttackSettings, baseline: AuditResult | None = None,
