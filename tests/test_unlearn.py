@@ -15,6 +15,7 @@ import torch
 from clirun import run_cli
 
 from unmemorize.data import Sequence, write_jsonl
+from unmemorize.evaluate.utility import utility_drop
 from unmemorize.model import folder_sha256, load_model, make_runtime
 from unmemorize.unlearn.config import UnlearnSettings
 from unmemorize.unlearn.methods import PRESETS
@@ -96,10 +97,10 @@ def test_line_search_returns_the_smallest_lambda_that_meets_the_target():
         calls.append(lam)
         return lam >= 1.37
 
-    lam = line_search(reached, high=4.0, tol=0.01)
-    assert 1.37 <= lam <= 1.38
-    assert line_search(lambda lam: False, high=4.0) is None
-    assert line_search(lambda lam: True, high=4.0, tol=0.01) <= 0.01
+    failed, lam = line_search(reached, high=4.0, tol=0.01)
+    assert 1.37 <= lam <= 1.38 and 1.36 <= failed < 1.37
+    assert line_search(lambda lam: False, high=4.0) == (4.0, None)
+    assert line_search(lambda lam: True, high=4.0, tol=0.01)[1] <= 0.01
 
 
 def test_tau_reaches_the_target_with_the_smallest_lambda(tiny, general, tmp_path):
@@ -109,6 +110,18 @@ def test_tau_reaches_the_target_with_the_smallest_lambda(tiny, general, tmp_path
     # a clearly smaller lambda leaves something above the band
     smaller = run(tiny, general, tmp_path / "smaller", method="tau", lr=3e-3, max_lambda=result.run["lambda"] * 0.5)
     assert not smaller.target_reached
+
+
+def test_task_vector_keeps_the_largest_lambda_within_the_utility_guard(tiny, general, tmp_path):
+    free = run(tiny, general, tmp_path / "free", method="ta", lr=3e-3, max_lambda=8.0, max_utility_drop=10.0)
+    before = free.run["utility"]["before"]
+    cost = utility_drop(before, free.run["utility"]["after"])
+    assert cost > 0.02  # the unguarded lambda costs utility, so a guard below that cost must bite
+    limit = cost / 2
+    guarded = run(tiny, general, tmp_path / "guarded", method="ta", lr=3e-3, max_lambda=8.0, max_utility_drop=limit)
+    assert "utility guard" in guarded.run["stop_reason"]
+    assert 0 <= guarded.run["lambda"] < free.run["lambda"]
+    assert utility_drop(before, guarded.run["utility"]["after"]) <= limit + 1e-6
 
 
 def test_stop_mean_stops_on_the_aggregate_rule(tiny, general, tmp_path):

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .data import Sequence, atomic_write_text
 from .measure.band import DEFAULT_RULE, EXTRACTABLE, IN_BAND, OVER_UNLEARNED, Band, calibrate, check_rule
-from .measure.extraction import extraction_likelihoods
+from .measure.extraction import DECODE_BATCH_FACTOR, extraction_likelihoods
 from .measure.privacy import privacy_report
 from .measure.scoring import score_tokens
 from .model import Runtime, make_runtime
@@ -146,7 +146,8 @@ def measure_rows(model, tokenizer, sets: dict[str, list[Sequence]], settings: Au
         sequences = all_sequences[rank::world]
         scores = score_tokens(model, token_lists, runtime, settings.batch_size, pad_id)
         ns = settings.el_n if settings.el_sets is None or set_name in settings.el_sets else []
-        els = extraction_likelihoods(model, scores, ns, runtime, 2 * settings.batch_size, pad_id)
+        els = extraction_likelihoods(model, scores, ns, runtime, DECODE_BATCH_FACTOR * settings.batch_size,
+                                      pad_id)
         for seq, score, el in zip(sequences, scores, els, strict=True):
             rows.append(SequenceResult(
                 set=set_name, id=seq.id, hash=seq.short_hash, n_tokens=score.n_tokens, ma=score.ma, el=el,

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..audit import AuditResult, AuditSettings, audit
 from ..data import Sequence
+from ..measure.extraction import DECODE_BATCH_FACTOR
 from ..model import Runtime, load_model, state_sha256
 from .attacks import AttackSettings, run_attacks
 from .downstream import downstream
@@ -30,14 +31,18 @@ class EvaluationSettings(BaseModel):
 
 
 def model_utility(model, tokenizer, ids: dict[str, list[list[int]] | None], runtime: Runtime,
-                  settings: EvaluationSettings, batch_size: int, pad_id: int) -> dict:
+                  settings: EvaluationSettings, batch_size: int, pad_id: int,
+                  audited: AuditResult | None = None) -> dict:
     """Retain MA and loss, general and holdout perplexity, generation health, downstream task scores.
 
-    `ids` holds token lists by set name: "retain" (may be None), "general", "holdout".
+    `ids` holds token lists by set name: "retain" (may be None), "general", "holdout". `audited`: an audit of
+    this model over the same sets, whose rows are reused instead of scoring retain and holdout again.
     """
-    result = utility(model, ids["retain"], ids["general"], runtime, batch_size, pad_id, holdout_ids=ids["holdout"])
+    result = utility(model, ids["retain"], ids["general"], runtime, batch_size, pad_id, holdout_ids=ids["holdout"],
+                     audited=audited)
     if settings.health:
-        result["generation"] = generation_health(model, ids["general"], runtime, batch_size=batch_size, pad_id=pad_id)
+        result["generation"] = generation_health(model, ids["general"], runtime,
+                                                 batch_size=DECODE_BATCH_FACTOR * batch_size, pad_id=pad_id)
     if settings.tasks:
         result["downstream"] = downstream(model, tokenizer, settings.tasks, limit=settings.task_limit,
                                           batch_size=batch_size, compute_dtype=runtime.compute)

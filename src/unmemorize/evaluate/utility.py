@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 
@@ -10,27 +11,44 @@ from ..measure.scoring import score_tokens
 from ..model import Runtime
 
 
+class Scored(Protocol):
+    """A scored sequence: a TokenScores, or an audit's row of the same sequence."""
+
+    n_tokens: int
+    ma: float
+    loss: float
+
+
 def utility(model, retain_ids: list[list[int]] | None, general_ids: list[list[int]], runtime: Runtime,
-            batch_size: int = 8, pad_id: int = 0, *, holdout_ids: list[list[int]] | None = None) -> dict:
+            batch_size: int = 8, pad_id: int = 0, *, holdout_ids: list[list[int]] | None = None,
+            audited=None) -> dict:
     """{"retain_ma", "retain_loss", "general_ppl", "holdout_ppl"}: perplexities are token-weighted.
 
     `holdout_ppl` (None unless `holdout_ids` is given) tells whether unlearning also damaged unseen text of the
-    forget set's own kind, which general text cannot show.
+    forget set's own kind, which general text cannot show. `audited`: an audit of this same model over the same
+    retain and holdout sequences; its rows stand in for scoring those sets again.
     """
-    result: dict = {"retain_ma": None, "retain_loss": None}
-    if retain_ids:
-        scores = score_tokens(model, retain_ids, runtime, batch_size, pad_id)
-        result["retain_ma"] = float(np.mean([s.ma for s in scores]))
-        result["retain_loss"] = float(np.mean([s.loss for s in scores]))
-    result["general_ppl"] = perplexity(model, general_ids, runtime, batch_size, pad_id)
-    result["holdout_ppl"] = perplexity(model, holdout_ids, runtime, batch_size, pad_id) if holdout_ids else None
-    return result
+
+    def scored(name: str, ids: list[list[int]] | None) -> list[Scored] | None:
+        if not ids:
+            return None
+        if audited is not None and name in audited.set_names():
+            return audited.of(name)
+        return score_tokens(model, ids, runtime, batch_size, pad_id)
+
+    retain, holdout = scored("retain", retain_ids), scored("holdout", holdout_ids)
+    return {
+        "retain_ma": float(np.mean([s.ma for s in retain])) if retain else None,
+        "retain_loss": float(np.mean([s.loss for s in retain])) if retain else None,
+        "general_ppl": perplexity_of(score_tokens(model, general_ids, runtime, batch_size, pad_id)),
+        "holdout_ppl": perplexity_of(holdout) if holdout else None,
+    }
 
 
-def perplexity(model, token_lists: list[list[int]], runtime: Runtime, batch_size: int = 8, pad_id: int = 0) -> float:
+def perplexity_of(scores: list[Scored]) -> float:
     """exp of the mean NLL over all predicted tokens: long sequences weigh more than short ones."""
-    scores = score_tokens(model, token_lists, runtime, batch_size, pad_id)
-    nll = sum(-s.logprobs.sum() for s in scores) / sum(len(s.logprobs) for s in scores)
+    predicted = [s.n_tokens - 1 for s in scores]
+    nll = sum(s.loss * n for s, n in zip(scores, predicted, strict=True)) / sum(predicted)
     return float(math.exp(nll))
 
 

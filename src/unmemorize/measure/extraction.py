@@ -12,6 +12,7 @@ A memorized sequence has few divergence points, so EL costs little more than the
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -63,6 +64,12 @@ def assemble(ids: list[int], greedy: list[int], decoded: dict[int, list[int]],
     return result
 
 
+# Decoding batches hold this many times the sequences of a scoring batch: a one-token decoding step costs
+# little per row, so the fixed cost of a step (every layer's launch, the weights read once) is shared by more
+# rows. Measured on the demo's EL after unlearning (2 CPU threads): 16 rows 33 s, 64 rows 21 s, 128 rows 26 s.
+DECODE_BATCH_FACTOR = 8
+
+
 def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().argmax(-1)  # the first maximum: ties go to the lowest token id
 
@@ -84,6 +91,7 @@ def continue_prompts(model, prompts: list[list[int]], new_tokens: list[int], run
     Prompts needing a similar number of tokens share a batch, so few decoding steps are wasted.
     """
     outputs: list[list[int]] = [[] for _ in prompts]
+    last_only = last_logits_only(model)
     order = sorted(range(len(prompts)), key=lambda i: (-new_tokens[i], -len(prompts[i])))
     order = [i for i in order if new_tokens[i] > 0]
     # One autocast region for all decoding: autocast caches its bf16 copies of the weights only within a
@@ -96,7 +104,7 @@ def continue_prompts(model, prompts: list[list[int]], new_tokens: list[int], run
             past = None
             for _ in range(max(new_tokens[i] for i in rows)):
                 out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=past, use_cache=True)
+                            past_key_values=past, use_cache=True, **last_only)
                 past = out.past_key_values
                 next_tokens = choose(out.logits[:, -1])
                 for row, index in enumerate(rows):
@@ -106,6 +114,14 @@ def continue_prompts(model, prompts: list[list[int]], new_tokens: list[int], run
                 positions = positions[:, -1:] + 1
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
     return outputs
+
+
+def last_logits_only(model) -> dict:
+    """Forward options that compute the logits of the last position only (prefill of a long prompt batch: the
+    vocabulary projection of every other position is wasted), for models whose forward takes them."""
+    forward = getattr(model, "forward", None)
+    parameters = inspect.signature(forward).parameters if forward is not None else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
 
 def extraction_likelihoods(model, scores: list[TokenScores], ns: list[int], runtime: Runtime,

@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..evaluate.efficiency import TokenCounter, peak_gpu_memory_mb, peak_memory_mb
 from ..evaluate.oracle import oracle_report
 from ..evaluate.suite import audit_oracle, evaluate_audit, model_utility
+from ..evaluate.utility import utility, utility_drop
 from ..measure.scoring import score_tokens
 from ..model import Runtime, load_model, save_checkpoint, state_sha256
 from ..report import render_run_report
@@ -129,7 +130,7 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
             or before.set_names() != list(sets)):
         before, before_utility = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info), None
     utility_before = before_utility or model_utility(model, tokenizer, utility_ids, runtime, evaluation,
-                                                     settings.audit.batch_size, pad_id)
+                                                     settings.audit.batch_size, pad_id, audited=before)
     phases["audit_before"] = time.perf_counter() - tick
     # The oracle is audited up front: a bad --oracle fails before any unlearning, and one audit serves both
     # comparisons (before and after).
@@ -154,14 +155,14 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         model = merge(accelerator.unwrap_model(ctx.model))
         ctx.model = model
     if preset.objective == "task_vector" or settings.method == "sgatau":
-        lam, outcome = task_vector_unlearn(ctx, settings, tokens, outcome)
+        lam, outcome = task_vector_unlearn(ctx, settings, tokens, outcome, utility_before)
     phases["unlearn"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     info = {"source": str(out / "model"), "sha256": state_sha256(model), "runtime": runtime.describe()}
     after = audit(model, tokenizer, sets, settings.audit, runtime, reference=before, model_info=info)
     utility_after = model_utility(model, tokenizer, utility_ids, runtime, evaluation, settings.audit.batch_size,
-                                  pad_id)
+                                  pad_id, audited=after)
     phases["audit_after"] = time.perf_counter() - tick
     tick = time.perf_counter()
     if oracle_audit is not None:
@@ -283,9 +284,13 @@ def merge(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSets,
-                        previous: LoopOutcome | None) -> tuple[float | None, LoopOutcome]:
-    """ta / tau (and the tau half of sgatau): subtract lambda x task vector, lambda line-searched."""
+def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSets, previous: LoopOutcome | None,
+                        utility_before: dict) -> tuple[float | None, LoopOutcome]:
+    """ta / tau (and the tau half of sgatau): subtract lambda x task vector.
+
+    Lambda is the smallest that meets the stop rule, capped by the utility guard: when that lambda (or
+    --max-lambda, if none meets the rule) costs more than --max-utility-drop, the largest lambda within it.
+    """
     audit_settings = settings.audit
     band, _ = calibrate_band(ctx, tokens, settings)
     scores = score(ctx, tokens.forget, settings)
@@ -310,11 +315,21 @@ def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSe
             return float(np.mean([s.ma for s in ma_scores])) < mean
         return not blocking(ma_scores, band, audit_settings.prefix_tokens)
 
-    lam = line_search(reached, settings.max_lambda)
-    final = settings.max_lambda if lam is None else lam
-    reached(final)
-    reason = (f"lambda {final:.3f}: smallest that meets the stop rule" if lam is not None else
-              f"even lambda {final} (--max-lambda) does not meet the stop rule")
+    def too_costly(lam: float) -> bool:
+        apply(params, original, vector, lam)
+        now = utility(ctx.model, tokens.retain, tokens.general, ctx.runtime, audit_settings.batch_size, ctx.pad_id)
+        return utility_drop(utility_before, now) > settings.max_utility_drop
+
+    _, lam = line_search(reached, settings.max_lambda)
+    wanted = settings.max_lambda if lam is None else lam
+    reason = (f"lambda {wanted:.3f}: smallest that meets the stop rule" if lam is not None else
+              f"even lambda {wanted} (--max-lambda) does not meet the stop rule")
+    final = wanted
+    if too_costly(wanted):
+        final, _ = line_search(too_costly, wanted)  # the largest lambda still within the guard
+        reason += (f"; utility guard: it costs more than {settings.max_utility_drop:.0%} utility, "
+                   f"kept lambda {final:.3f}, the largest within it")
+    reached(final)  # leaves the model (and the band) at the chosen lambda
     if previous:
         reason = f"{previous.stop_reason}; then tau: {reason}"
     return final, LoopOutcome(steps, reason, band, trained)

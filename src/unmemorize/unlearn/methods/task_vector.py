@@ -35,21 +35,22 @@ def apply(params: dict[str, torch.nn.Parameter], original: dict[str, torch.Tenso
             param.copy_(original[name] - lam * vector[name])
 
 
-def line_search(reached: Callable[[float], bool], high: float, tol: float = 0.02) -> float | None:
-    """Smallest lambda in (0, high] with reached(lambda) true, to within `tol`; None when even `high` fails.
+def line_search(holds: Callable[[float], bool], high: float, tol: float = 0.02) -> tuple[float, float | None]:
+    """(last lambda where holds() failed, smallest lambda in (0, high] where it holds), to within `tol`.
 
-    Assumes reached() is monotone (more subtraction, less memorization): a doubling scan from high/64 finds
-    the first success, then bisection narrows the gap to the last failure.
+    The second is None when even `high` fails (the first is then `high`). Assumes holds() is monotone in
+    lambda (more subtraction, less memorization and less utility): a doubling scan from high/64 finds the
+    first success, then bisection narrows the gap to the last failure.
     """
     low, lam = 0.0, high / 64
-    while not reached(lam):
+    while not holds(lam):
         if lam >= high:
-            return None
+            return high, None
         low, lam = lam, min(2 * lam, high)
     while lam - low > tol:
         middle = (low + lam) / 2
-        if reached(middle):
+        if holds(middle):
             lam = middle
         else:
             low = middle
-    return lam
+    return low, lam
