@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from unmemorize.audit import AuditSettings, audit
 from unmemorize.errors import InputError
 from unmemorize.evaluate.health import distinct_share, generation_health, repeated_ngram_share
 from unmemorize.evaluate.utility import utility, utility_drop
@@ -45,6 +46,26 @@ def test_holdout_ppl_is_the_token_weighted_perplexity(tiny_loaded, tiny_ids):
     assert without["holdout_ppl"] is None
     assert without["general_ppl"] == pytest.approx(result["general_ppl"], rel=1e-6)
     assert utility_drop(without, result) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_utility_from_an_audit_is_the_utility_scored_again(tiny, tiny_loaded, tiny_ids):
+    model, tokenizer, runtime = tiny_loaded
+    sets = {name: tiny["sets"][name] for name in ("forget", "holdout", "retain")}
+    audited = audit(model, tokenizer, sets, AuditSettings(el_n=[], batch_size=3), runtime)
+    scored = utility(model, tiny_ids["retain"], tiny_ids["forget"], runtime, batch_size=3,
+                     holdout_ids=tiny_ids["holdout"])
+    reused = utility(model, tiny_ids["retain"], tiny_ids["forget"], runtime, batch_size=3,
+                     holdout_ids=tiny_ids["holdout"], audited=audited)
+    assert reused == pytest.approx(scored, rel=1e-9)
+    # the rows really stand in: an audit of another model gives other numbers
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(0.5)
+    elsewhere = audit(other, tokenizer, sets, AuditSettings(el_n=[], batch_size=3), runtime)
+    wrong = utility(model, tiny_ids["retain"], tiny_ids["forget"], runtime, batch_size=3,
+                    holdout_ids=tiny_ids["holdout"], audited=elsewhere)
+    assert wrong["holdout_ppl"] != pytest.approx(scored["holdout_ppl"], rel=1e-3)
+    assert wrong["general_ppl"] == pytest.approx(scored["general_ppl"], rel=1e-9)  # general is always scored
 
 
 def test_repeated_ngram_share_by_hand():
