@@ -56,7 +56,7 @@ def test_utility_from_an_audit_is_the_utility_scored_again(tiny, tiny_loaded, ti
                      holdout_ids=tiny_ids["holdout"])
     reused = utility(model, tiny_ids["retain"], tiny_ids["forget"], runtime, batch_size=3,
                      holdout_ids=tiny_ids["holdout"], audited=audited)
-    assert reused == pytest.approx(scored, rel=1e-9)
+    assert reused == pytest.approx(scored, rel=1e-6)  # audits score fully, utility leanly: float rounding apart
     # the rows really stand in: an audit of another model gives other numbers
     other = copy.deepcopy(model)
     with torch.no_grad():

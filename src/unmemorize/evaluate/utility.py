@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..measure.scoring import score_tokens
+from ..measure.scoring import lean_scores
 from ..model import Runtime
 
 
@@ -34,13 +34,13 @@ def utility(model, retain_ids: list[list[int]] | None, general_ids: list[list[in
             return None
         if audited is not None and name in audited.set_names():
             return audited.of(name)
-        return score_tokens(model, ids, runtime, batch_size, pad_id)
+        return lean_scores(model, ids, runtime, batch_size, pad_id)
 
     retain, holdout = scored("retain", retain_ids), scored("holdout", holdout_ids)
     return {
         "retain_ma": float(np.mean([s.ma for s in retain])) if retain else None,
         "retain_loss": float(np.mean([s.loss for s in retain])) if retain else None,
-        "general_ppl": perplexity_of(score_tokens(model, general_ids, runtime, batch_size, pad_id)),
+        "general_ppl": perplexity_of(lean_scores(model, general_ids, runtime, batch_size, pad_id)),
         "holdout_ppl": perplexity_of(holdout) if holdout else None,
     }
 

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..evaluate.utility import utility, utility_drop
 from ..measure.band import EXTRACTABLE, Band, calibrate
-from ..measure.scoring import score_tokens
+from ..measure.scoring import lean_scores
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import UnlearnSettings
 from .context import Batch, Context
@@ -55,7 +55,7 @@ class LoopOutcome:
 
 
 def calibrate_band(ctx: Context, sets: TokenSets, settings: UnlearnSettings) -> tuple[Band, float]:
-    scores = score_tokens(ctx.model, sets.holdout, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
+    scores = lean_scores(ctx.model, sets.holdout, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
     ma = [s.ma for s in scores]
     return calibrate(settings.audit.band, ma), float(np.mean(ma))
 
@@ -105,7 +105,7 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         return LoopOutcome(step, reason, band, tokens_trained, restored)
 
     while True:
-        scores = score_tokens(model, sets.forget, ctx.runtime, audit.batch_size, ctx.pad_id)
+        scores = lean_scores(model, sets.forget, ctx.runtime, audit.batch_size, ctx.pad_id)
         fresh = band is None or step % settings.recalibrate_every == 0
         if fresh:
             band, holdout_mean = calibrate_band(ctx, sets, settings)

@@ -25,7 +25,7 @@ from ..evaluate.efficiency import TokenCounter, peak_gpu_memory_mb, peak_memory_
 from ..evaluate.oracle import oracle_report
 from ..evaluate.suite import audit_oracle, evaluate_audit, model_utility
 from ..evaluate.utility import utility, utility_drop
-from ..measure.scoring import score_tokens
+from ..measure.scoring import lean_scores
 from ..model import Runtime, load_model, save_checkpoint, state_sha256
 from ..report import render_run_report
 from ..report.certificate import build_certificate, tokenizer_fingerprint, write_certificate
@@ -336,7 +336,7 @@ def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSe
 
 
 def score(ctx: Context, token_lists, settings: UnlearnSettings):
-    return score_tokens(ctx.model, token_lists, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
+    return lean_scores(ctx.model, token_lists, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
 
 
 __all__ = ["RunResult", "unlearn"]
