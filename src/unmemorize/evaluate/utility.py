@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from ..measure.scoring import lean_scores
 from ..model import Runtime
+
+if TYPE_CHECKING:  # audit imports the measures this module uses: typing only
+    from ..audit import AuditResult
 
 
 class Scored(Protocol):
@@ -21,7 +24,7 @@ class Scored(Protocol):
 
 def utility(model, retain_ids: list[list[int]] | None, general_ids: list[list[int]], runtime: Runtime,
             batch_size: int = 8, pad_id: int = 0, *, holdout_ids: list[list[int]] | None = None,
-            audited=None) -> dict:
+            audited: AuditResult | None = None) -> dict:
     """{"retain_ma", "retain_loss", "general_ppl", "holdout_ppl"}: perplexities are token-weighted.
 
     `holdout_ppl` (None unless `holdout_ids` is given) tells whether unlearning also damaged unseen text of the

@@ -126,8 +126,10 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     evaluation = settings.evaluation
     utility_ids = {"retain": tokens.retain, "general": tokens.general, "holdout": tokens.holdout}
     tick = time.perf_counter()
+    # A caller's audit is reused only if it measured these sets of this model the same way: its rows also stand
+    # in for the retain and holdout scoring of the utility.
     if (before is None or before.model.get("sha256") != input_hash or before.settings["el_n"] != settings.audit.el_n
-            or before.set_names() != list(sets)):
+            or before.settings.get("max_tokens") != settings.audit.max_tokens or before.set_names() != list(sets)):
         before, before_utility = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info), None
     utility_before = before_utility or model_utility(model, tokenizer, utility_ids, runtime, evaluation,
                                                      settings.audit.batch_size, pad_id, audited=before)
