@@ -9,7 +9,7 @@ holdout), in one run:
    greedy `generate` from the P-token prefix per sequence).
 2. MA/verbatim/MIA scores: `score_tokens` over forget + holdout against the floor, one bare batched forward
    pass over the same token batches.
-3. The full `unmemorize.audit.audit` of request + holdout with default settings and the 'auto' runtime.
+3. The full `unmemorize.measure.audit.audit` of request + holdout with default settings and the 'auto' runtime.
 
     .venv/bin/python bench/audit_speed.py                      # the demo victim (must be built already)
     .venv/bin/python bench/audit_speed.py --model base         # the embedded base model
@@ -32,12 +32,12 @@ import torch
 import transformers
 from machine import bare_forward, cpu_model  # bench/machine.py: scripts run from bench/
 
-from unmemorize import embedded
-from unmemorize.audit import AuditSettings, audit
+from unmemorize.runs import embedded
+from unmemorize.io.models import load_model, make_runtime
+from unmemorize.io.tokens import encode, pad_id_of
+from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.extraction import divergence_points, extraction_likelihoods, reference_extraction_likelihoods
 from unmemorize.measure.scoring import score_tokens
-from unmemorize.model import load_model, make_runtime
-from unmemorize.tokens import encode, pad_id_of
 
 EL_TARGET = 20.0  # the issue: EL_n at least 20x faster than the per-prefix reference
 SCORE_TARGET = 1.2  # score_tokens within 1.2x of one bare forward pass
@@ -56,7 +56,7 @@ def resolve_model(spec: str) -> Path:
         path = victim_path()
         if not (path / "recipe.json").is_file():
             sys.exit(f"the demo victim is not built yet ({path} has no recipe.json); build it with "
-                     "unmemorize.embedded.victim_checkpoint(), or pass --model base")
+                     "unmemorize.runs.embedded.victim_checkpoint(), or pass --model base")
         return path
     return Path(spec)
 

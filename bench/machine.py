@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from unmemorize.tokens import length_batches, pad
+from unmemorize.io.tokens import length_batches, pad
 
 
 def cpu_model() -> str:

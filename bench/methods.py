@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from unmemorize import embedded
-from unmemorize.audit import AuditSettings, audit
-from unmemorize.demo import RETAIN_GENERAL_CHUNKS
-from unmemorize.model import load_model, make_runtime, state_sha256
-from unmemorize.unlearn.config import UnlearnSettings
+from unmemorize.runs import embedded
+from unmemorize.io.models import load_model, make_runtime, state_sha256
+from unmemorize.measure.audit import AuditSettings, audit
+from unmemorize.runs.config import UnlearnSettings
+from unmemorize.runs.demo import RETAIN_GENERAL_CHUNKS
+from unmemorize.runs.run import unlearn
 from unmemorize.unlearn.methods import PRESETS
-from unmemorize.unlearn.run import unlearn
 
 # Per-method options beyond the defaults (the defaults are each method's own learning rate).
 OVERRIDES: dict[str, dict] = {}

@@ -4,7 +4,7 @@ In one process, on the CPU with the 'auto' runtime (what `audit` uses by default
 every point:
 
 1. the bare batched forward pass (batch 8, as the audit scores), the floor of any single-pass measure;
-2. `unmemorize.audit.audit` of a forget + holdout pair with default settings but EL off (`el_n=[]`);
+2. `unmemorize.measure.audit.audit` of a forget + holdout pair with default settings but EL off (`el_n=[]`);
 3. the same audit with default settings, EL_10 included.
 
 Three axes: the number of sequences (fixed length), the sequence length (fixed count), and the model size
@@ -38,13 +38,13 @@ import torch
 import transformers
 from machine import bare_forward, cpu_model  # bench/machine.py: scripts run from bench/
 
-from unmemorize import embedded
-from unmemorize.audit import AuditSettings, audit
-from unmemorize.data import Sequence
+from unmemorize.runs import embedded
+from unmemorize.io.models import load_model, make_runtime
+from unmemorize.io.sets import Sequence
+from unmemorize.io.tokens import encode, pad_id_of
+from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.extraction import divergence_points
 from unmemorize.measure.scoring import score_tokens
-from unmemorize.model import load_model, make_runtime
-from unmemorize.tokens import encode, pad_id_of
 
 EL_N = 10  # the default EL_n of AuditSettings
 

@@ -6,7 +6,7 @@ In one process, on one model (default: the embedded base), one corpus and one ru
    batches them, one forward pass per batch with the logits left untouched. Two variants: one autocast
    region per batch (as `score_tokens` and `bench/audit_speed.py` do) and one region around every batch (as
    the scan does: autocast then casts the weights once, not once per batch). The faster one is the floor.
-2. `unmemorize.scan.scan` over the same corpus, from the JSONL file to top.jsonl and scan.json: reading,
+2. `unmemorize.runs.scan.scan` over the same corpus, from the JSONL file to top.jsonl and scan.json: reading,
    tokenization (in a background thread), scoring (MA, verbatim, loss; zlib for the windows kept), the
    top-K heap, a checkpoint per shard and the final writes, all inside the timed call.
 
@@ -39,12 +39,12 @@ import torch
 import transformers
 from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
-from unmemorize import embedded
-from unmemorize import scan as scanning
-from unmemorize.corpus import open_corpus
-from unmemorize.model import load_model, make_runtime
-from unmemorize.scan import ScanSettings, scan, window_batches
-from unmemorize.tokens import pad, pad_id_of
+from unmemorize.runs import embedded
+from unmemorize.runs import scan as scanning
+from unmemorize.io.corpus import open_corpus
+from unmemorize.io.models import load_model, make_runtime
+from unmemorize.io.tokens import pad, pad_id_of
+from unmemorize.runs.scan import ScanSettings, scan, window_batches
 
 TARGET = 0.85  # the issue: scan at 85% or more of a bare batched forward
 

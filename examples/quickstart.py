@@ -23,7 +23,7 @@ from unmemorize import (
     run_attacks,
     unlearn,
 )
-from unmemorize.embedded import default_general
+from unmemorize.runs.embedded import default_general
 
 
 def main(model_path: str, forget: str, holdout: str, retain: str, out: str, lr: str = "2e-5") -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from tiny import build_tiny_model
 
-from unmemorize.data import write_jsonl
+from unmemorize.io.sets import write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def tiny_oracle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny):
-    from unmemorize.model import load_model, make_runtime
+    from unmemorize.io.models import load_model, make_runtime
 
     runtime = make_runtime("cpu", "float32")
     model, tokenizer = load_model(tiny["model"], runtime)

@@ -11,16 +11,16 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from unmemorize.audit import AuditSettings, audit
 from unmemorize.errors import InputError
 from unmemorize.evaluate.attacks import ATTACKS, AttackSettings, run_attacks
 from unmemorize.evaluate.attacks.prefix import Split
 from unmemorize.evaluate.attacks.quantize import quantize_model, round_trip
 from unmemorize.evaluate.attacks.sampling import lcs_length, rouge_l
+from unmemorize.io.models import state_sha256
+from unmemorize.io.tokens import encode, pad
+from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.band import EXTRACTABLE
 from unmemorize.measure.scoring import score_tokens, token_logprobs
-from unmemorize.model import state_sha256
-from unmemorize.tokens import encode, pad
 
 AUDIT = AuditSettings(el_n=[])
 MEMORIZED = ["f0", "f1", "f2", "f3"]

@@ -9,20 +9,20 @@ import json
 import numpy as np
 import pytest
 
-from unmemorize.data import Sequence
 from unmemorize.errors import InputError
-from unmemorize.model import load_model, make_runtime
+from unmemorize.evaluate.verify import verify_certificate
+from unmemorize.io.models import load_model, make_runtime
+from unmemorize.io.sets import Sequence
+from unmemorize.io.tokens import encode
 from unmemorize.report.certificate import (
     body_sha256,
     build_certificate,
     read_certificate,
     tokenizer_fingerprint,
-    verify_certificate,
     write_certificate,
 )
-from unmemorize.tokens import encode
-from unmemorize.unlearn.config import UnlearnSettings
-from unmemorize.unlearn.run import unlearn
+from unmemorize.runs.config import UnlearnSettings
+from unmemorize.runs.run import unlearn
 
 RUNTIME = make_runtime("cpu", "float32")
 FAST_AUDIT = {"el_n": [], "prefix_tokens": 8, "batch_size": 8}

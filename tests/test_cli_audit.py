@@ -7,7 +7,7 @@ import json
 import pytest
 from clirun import run_cli
 
-from unmemorize.model import folder_sha256
+from unmemorize.io.models import folder_sha256
 
 
 @pytest.fixture(scope="module")

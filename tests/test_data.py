@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unmemorize.data import load_set
 from unmemorize.errors import InputError
+from unmemorize.io.sets import load_set
 
 
 def test_formats_load_the_same_sequences(tmp_path):

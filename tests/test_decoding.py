@@ -7,11 +7,8 @@ import math
 import pytest
 import torch
 
-from unmemorize.audit import AuditSettings, audit
 from unmemorize.errors import InputError
-from unmemorize.measure.extraction import el_from_continuations, greedy_continue, reference_extraction_likelihoods
-from unmemorize.tokens import encode
-from unmemorize.unlearn.decoding import (
+from unmemorize.evaluate.decoding import (
     BLOCKED_LOGPROB,
     DecodingSpec,
     NgramFilter,
@@ -20,6 +17,9 @@ from unmemorize.unlearn.decoding import (
     guard,
     parse_decoding,
 )
+from unmemorize.io.tokens import encode
+from unmemorize.measure.audit import AuditSettings, audit
+from unmemorize.measure.extraction import el_from_continuations, greedy_continue, reference_extraction_likelihoods
 
 SETTINGS = AuditSettings(el_n=[2, 4], prefix_tokens=8, batch_size=3)
 MEMORIZED = ("f0", "f1", "f2", "f3")  # repeated 8 times in training

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from clirun import run_cli
 
-from unmemorize.data import write_jsonl
+from unmemorize.io.sets import write_jsonl
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 OPTIONS = ["--device", "cpu", "--dtype", "float32", "--method", "ga", "--stop", "steps", "--max-steps", "4",

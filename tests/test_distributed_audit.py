@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from clirun import run_cli
 
-from unmemorize.audit import AuditSettings, measure_rows, merge_shards
-from unmemorize.tokens import pad_id_of
+from unmemorize.io.tokens import pad_id_of
+from unmemorize.measure.audit import AuditSettings, measure_rows, merge_shards
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TOL = 1e-9

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from unmemorize import embedded
+from unmemorize.runs import embedded
 from unmemorize.errors import InputError
 
 

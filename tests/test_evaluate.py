@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from conftest import read_json
 
-from unmemorize.audit import AuditSettings, audit
-from unmemorize.data import Sequence
 from unmemorize.evaluate.efficiency import TokenCounter
 from unmemorize.evaluate.oracle import oracle_report
 from unmemorize.evaluate.suite import audit_oracle
+from unmemorize.io.models import make_runtime
+from unmemorize.io.sets import Sequence
+from unmemorize.io.tokens import encode
+from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.scoring import score_tokens
-from unmemorize.model import make_runtime
-from unmemorize.tokens import encode
-from unmemorize.unlearn.config import UnlearnSettings
-from unmemorize.unlearn.run import unlearn
+from unmemorize.runs.config import UnlearnSettings
+from unmemorize.runs.run import unlearn
 
 RUNTIME = make_runtime("cpu", "float32")
 SETTINGS = AuditSettings(el_n=[], prefix_tokens=8)

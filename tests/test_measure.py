@@ -10,13 +10,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from unmemorize.audit import AuditSettings, audit
 from unmemorize.errors import InputError
+from unmemorize.io.tokens import encode
+from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.band import calibrate, check_rule
 from unmemorize.measure.extraction import overlap, reference_extraction_likelihoods
 from unmemorize.measure.privacy import auc, bootstrap_interval
 from unmemorize.measure.scoring import score_tokens
-from unmemorize.tokens import encode
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from unmemorize.data import Sequence
-from unmemorize.model import make_runtime
+from unmemorize.io.models import make_runtime
+from unmemorize.io.sets import Sequence
 from unmemorize.report import render_compare_report, render_run_report
-from unmemorize.unlearn.config import UnlearnSettings
-from unmemorize.unlearn.run import unlearn
+from unmemorize.runs.config import UnlearnSettings
+from unmemorize.runs.run import unlearn
 
 RUNTIME = make_runtime("cpu", "float32")
 AUDIT = {"el_n": [4], "prefix_tokens": 8, "batch_size": 8}

@@ -8,8 +8,8 @@ import pytest
 from clirun import run_cli
 from conftest import read_json
 
-from unmemorize.data import write_jsonl
-from unmemorize.tokens import ids_sha256
+from unmemorize.io.sets import write_jsonl
+from unmemorize.io.tokens import ids_sha256
 
 FAST = ["--el-n", "0", "--prefix-tokens", "8", "--dtype", "float32", "--device", "cpu"]
 SGA = ["--method", "sga", "--lr", "3e-4", "--retain-loss", "nll", "--max-steps", "60", "--max-utility-drop", "10"]
@@ -56,8 +56,8 @@ def test_a_second_request_continues_the_first_and_re_audits_it(requests, tiny):
     assert ledger[0]["forget_source"] == str((root / "first.jsonl").resolve())
     text = json.dumps(ledger)
     assert all(s.text not in text for s in tiny["sets"]["forget"])  # hashes, never text
-    from unmemorize.model import load_model, make_runtime
-    from unmemorize.tokens import encode
+    from unmemorize.io.models import load_model, make_runtime
+    from unmemorize.io.tokens import encode
 
     _, tokenizer = load_model(tiny["model"], make_runtime("cpu", "float32"))
     assert ledger[1]["sequences"][0]["sha256"] == ids_sha256(encode(tokenizer, tiny["sets"]["forget"][2:3], 256)[0])

@@ -23,13 +23,13 @@ from test_distributed import TORCHRUN, rank_exit_codes
 from tiny import sentences
 
 from unmemorize import cli
-from unmemorize.audit import AuditSettings, audit
-from unmemorize.corpus import Corpus, open_corpus
-from unmemorize.data import Sequence, load_set
+from unmemorize.io.corpus import Corpus, open_corpus
+from unmemorize.io.sets import Sequence, load_set
+from unmemorize.io.tokens import encode
 from unmemorize.measure import scoring
+from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.scoring import lean_scores, score_tokens
-from unmemorize.scan import Hit, ScanSettings, TopK, prepared_shards, scan, window_starts
-from unmemorize.tokens import encode
+from unmemorize.runs.scan import Hit, ScanSettings, TopK, prepared_shards, scan, window_starts
 
 FLOAT32 = ["--device", "cpu", "--dtype", "float32"]
 # 16-token windows over 16-24-token records: each record gives a window at 0 and one ending with it
@@ -44,7 +44,7 @@ import signal
 import time
 # A shell starts background jobs with SIGINT ignored and Python keeps that: restore Ctrl-C as a terminal has it.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-import unmemorize.scan as scan
+import unmemorize.runs.scan as scan
 save = scan.save_state
 def slow(*args):
     save(*args)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from clirun import run_cli
 
-from unmemorize.data import Sequence, write_jsonl
-from unmemorize.evaluate.utility import utility_drop
-from unmemorize.model import folder_sha256, load_model, make_runtime
-from unmemorize.unlearn.config import UnlearnSettings
+from unmemorize.io.models import folder_sha256, load_model, make_runtime
+from unmemorize.io.sets import Sequence, write_jsonl
+from unmemorize.measure.utility import utility_drop
+from unmemorize.runs.config import UnlearnSettings
+from unmemorize.runs.run import unlearn
 from unmemorize.unlearn.methods import PRESETS
 from unmemorize.unlearn.methods.ascent import Ascent
 from unmemorize.unlearn.methods.task_vector import line_search
-from unmemorize.unlearn.run import unlearn
 
 FAST_AUDIT = {"el_n": [], "prefix_tokens": 8, "batch_size": 8}
 RUNTIME = make_runtime("cpu", "float32")

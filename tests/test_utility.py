@@ -10,11 +10,11 @@ import random
 import pytest
 import torch
 
-from unmemorize.audit import AuditSettings, audit
 from unmemorize.errors import InputError
 from unmemorize.evaluate.health import distinct_share, generation_health, repeated_ngram_share
-from unmemorize.evaluate.utility import utility, utility_drop
-from unmemorize.tokens import encode
+from unmemorize.io.tokens import encode
+from unmemorize.measure.audit import AuditSettings, audit
+from unmemorize.measure.utility import utility, utility_drop
 
 
 @pytest.fixture(scope="module")

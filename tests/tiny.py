@@ -14,10 +14,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from unmemorize.data import Sequence
-from unmemorize.model import make_runtime, save_checkpoint
-from unmemorize.tokens import encode
-from unmemorize.train import finetune
+from unmemorize.io.models import make_runtime, save_checkpoint
+from unmemorize.io.sets import Sequence
+from unmemorize.io.tokens import encode
+from unmemorize.unlearn.train import finetune
 
 KEYS = [f"k{i}" for i in range(12)]
 VALUES = [f"v{i}" for i in range(48)]

@@ -54,7 +54,7 @@ def parse_el_n(text: str) -> list[int]:
 def audit_settings(max_tokens: int, prefix_tokens: int, el_n: str, band: str, batch_size: int, seed: int):
     from pydantic import ValidationError
 
-    from .audit import AuditSettings
+    from .measure.audit import AuditSettings
 
     try:
         return AuditSettings(max_tokens=max_tokens, prefix_tokens=prefix_tokens, el_n=parse_el_n(el_n), band=band,
@@ -66,7 +66,7 @@ def audit_settings(max_tokens: int, prefix_tokens: int, el_n: str, band: str, ba
 
 def load_sets(**sources: str | None) -> dict:
     """Load every given set before any model work, so bad input fails fast and writes nothing."""
-    from .data import load_set
+    from .io.sets import load_set
 
     return {name: load_set(source) for name, source in sources.items() if source is not None}
 
@@ -87,10 +87,10 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
     import contextlib
     import os
 
-    from .audit import audit as run_audit
-    from .display import print_audit, print_oracle
     from .evaluate.suite import audit_oracle, evaluate_audit
-    from .model import make_runtime
+    from .io.models import make_runtime
+    from .measure.audit import audit as run_audit
+    from .report.terminal import print_audit, print_oracle
 
     settings = audit_settings(max_tokens, prefix_tokens, el_n, band, batch_size, seed)
     check_out(out)
@@ -101,7 +101,7 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
     runtime = make_runtime(device, dtype)
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: data parallel, every process measures a share
-        from .scan import join_processes
+        from .runs.scan import join_processes
 
         rank, world = join_processes(runtime)
     load_options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
@@ -126,7 +126,7 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
 def parse_decoding_option(decoding: str | None):
     if decoding is None:
         return None
-    from .unlearn.decoding import parse_decoding
+    from .evaluate.decoding import parse_decoding
 
     return parse_decoding(decoding)
 
@@ -134,15 +134,15 @@ def parse_decoding_option(decoding: str | None):
 def load_measured_model(model: str, runtime, load_options: dict, decoding_spec, sets: dict, settings):
     """(model, tokenizer, model info, wrap): `wrap` puts a decoding guard around a model (weights unchanged),
     None without --decoding. Attacks that change weights change the inner model and wrap it again."""
-    from .model import load_model, state_sha256
+    from .io.models import load_model, state_sha256
 
     with console.status("loading model"):
         lm, tokenizer = load_model(model, runtime, **load_options)
     info = {"source": model, "sha256": state_sha256(lm), "runtime": runtime.describe()}
     wrap = None
     if decoding_spec is not None:
-        from .tokens import encode
-        from .unlearn.decoding import describe, guard
+        from .evaluate.decoding import describe, guard
+        from .io.tokens import encode
 
         forget_ids = encode(tokenizer, sets["forget"], settings.max_tokens, "forget")
         wrap = lambda inner: guard(inner, decoding_spec, forget_ids)  # noqa: E731
@@ -171,11 +171,11 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
 
     from pydantic import ValidationError
 
-    from .audit import audit as run_audit
-    from .data import atomic_write_text
-    from .display import attack_table
     from .evaluate.attacks import AttackSettings, run_attacks
-    from .model import make_runtime
+    from .io.files import atomic_write_text
+    from .io.models import make_runtime
+    from .measure.audit import audit as run_audit
+    from .report.terminal import attack_table
 
     settings = audit_settings(max_tokens, prefix_tokens, "0", band, batch_size, seed)
     try:
@@ -246,9 +246,9 @@ def unlearn(
     show_text: ShowText = False, allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False,
 ) -> int:
     """Unlearn the forget set; audit before and after; write the run folder. Exit 0 target reached, 3 not."""
-    from .model import make_runtime
-    from .unlearn.run import check_out_folder
-    from .unlearn.run import unlearn as run_unlearn
+    from .io.models import make_runtime
+    from .runs.run import check_out_folder
+    from .runs.run import unlearn as run_unlearn
 
     flags = {key: value for key, value in locals().items() if key in SETTING_KEYS}
     settings = unlearn_settings(config, flags)
@@ -280,10 +280,10 @@ def compare(
 ) -> int:
     """Several methods on one request, each from the same model and seed: one table, one report. Exit 0 when
     every method reached the target, 3 otherwise."""
-    from .display import compare_table
-    from .model import make_runtime
-    from .unlearn.compare import compare as run_compare
-    from .unlearn.compare import ranked, rows_of
+    from .io.models import make_runtime
+    from .report.terminal import compare_table
+    from .runs.compare import compare as run_compare
+    from .runs.compare import ranked, rows_of
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if len(set(names)) != len(names) or not names:
@@ -334,7 +334,7 @@ def unlearn_settings(config: Path | None, flags: dict):
     import yaml
     from pydantic import ValidationError
 
-    from .unlearn.config import UnlearnSettings
+    from .runs.config import UnlearnSettings
 
     values: dict = {}
     if config is not None:
@@ -372,7 +372,7 @@ def unlearn_settings(config: Path | None, flags: dict):
 def audit_settings_from(values: dict):
     from pydantic import ValidationError
 
-    from .audit import AuditSettings
+    from .measure.audit import AuditSettings
 
     try:
         return AuditSettings(**values)
@@ -383,10 +383,10 @@ def audit_settings_from(values: dict):
 
 def load_general(source: str | None) -> list:
     if source is not None:
-        from .data import load_set
+        from .io.sets import load_set
 
         return load_set(source)
-    from .embedded import default_general
+    from .runs.embedded import default_general
 
     return default_general()
 
@@ -394,8 +394,8 @@ def load_general(source: str | None) -> list:
 def print_run(result) -> None:
     import os
 
-    from .display import attack_table, compare_table, print_oracle
-    from .unlearn.compare import rows_of
+    from .report.terminal import attack_table, compare_table, print_oracle
+    from .runs.compare import rows_of
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the main process reports
         return
@@ -413,8 +413,8 @@ def demo(out: Annotated[Path, Opt("--out", help="Demo folder.")] = Path("unmemor
          attacks: Annotated[bool, Opt("--attacks", help="Also attack both unlearned models.")] = False,
          device: Device = "auto", dtype: Dtype = "auto") -> None:
     """The main job on the embedded default: victim, audit, unlearn (sga vs the aggregate rule), compare."""
-    from .demo import run_demo
-    from .model import make_runtime
+    from .io.models import make_runtime
+    from .runs.demo import run_demo
 
     check_out(out)
     run_demo(out, make_runtime(device, dtype), console, oracle=oracle, attacks=attacks)
@@ -462,10 +462,10 @@ def scan(
     under torchrun). Ctrl-C writes what it has and exits 130."""
     import contextlib
 
-    from .corpus import open_corpus
-    from .model import load_model, make_runtime, state_sha256
-    from .scan import check_out_folder, join_processes, scan_settings, top_table
-    from .scan import scan as run_scan
+    from .io.corpus import open_corpus
+    from .io.models import load_model, make_runtime, state_sha256
+    from .runs.scan import check_out_folder, join_processes, scan_settings, top_table
+    from .runs.scan import scan as run_scan
 
     settings = scan_settings(top=top, window=window, stride=stride, min_tokens=min_tokens,
                              prefix_tokens=prefix_tokens, batch_size=batch_size, shard_docs=shard_docs,
@@ -496,8 +496,9 @@ def verify(certificate: Annotated[Path, Opt("--certificate", help="certificate.j
            dtype: Annotated[str | None, Opt("--dtype", help="[default: the certified weights dtype]")] = None,
            allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False) -> int:
     """Re-audit a model and check each claim of a certificate. Exit 0 when all hold, 3 listing what fails."""
-    from .model import load_model, make_runtime
-    from .report.certificate import read_certificate, verify_certificate
+    from .evaluate.verify import verify_certificate
+    from .io.models import load_model, make_runtime
+    from .report.certificate import read_certificate
 
     claims = read_certificate(certificate)
     sets = load_sets(forget=forget, holdout=holdout)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..io.models import Runtime
 from ..measure.extraction import greedy_continue
-from ..model import Runtime
 
 
 def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:

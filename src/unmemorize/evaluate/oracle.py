@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from scipy.stats import ks_2samp
 
-from ..audit import AuditResult
+from ..measure.audit import AuditResult
 
 # MUSE measures PrivLeak with Min-K% Prob; the other scores are reported beside it.
 PRIVLEAK_SCORE = "mink"

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..audit import AuditResult, AuditSettings, audit
-from ..data import Sequence
+from ..io.models import Runtime, load_model, state_sha256
+from ..io.sets import Sequence
+from ..measure.audit import AuditResult, AuditSettings, audit
 from ..measure.extraction import DECODE_BATCH_FACTOR
-from ..model import Runtime, load_model, state_sha256
+from ..measure.utility import utility
 from .attacks import AttackSettings, run_attacks
 from .downstream import downstream
 from .health import generation_health
 from .oracle import oracle_report
-from .utility import utility
 
 
 class EvaluationSettings(BaseModel):

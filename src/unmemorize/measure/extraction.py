@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..model import Runtime
-from ..tokens import pad
+from ..io.models import Runtime
+from ..io.tokens import pad
 from .scoring import TokenScores
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model import Runtime
-from ..tokens import length_batches, pad
+from ..io.models import Runtime
+from ..io.tokens import length_batches, pad
 
 MIN_K_FRACTION = 0.2
 

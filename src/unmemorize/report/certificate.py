@@ -3,34 +3,32 @@
 The certificate never holds the text of a sequence: each forget (and holdout) sequence is named by its id and
 the SHA-256 of its token ids, as the little-endian int32 bytes of the ids after truncation to the certified
 `max_tokens` (`hashlib.sha256(numpy.asarray(ids, dtype="<i4").tobytes())`). Model weights are named by
-`unmemorize.model.state_sha256` (names, dtypes and bytes of the state dict, independent of file layout).
+`unmemorize.io.models.state_sha256` (names, dtypes and bytes of the state dict, independent of file layout).
 
 `integrity.sha256` is the SHA-256 of the canonical JSON (sorted keys, separators "," and ":", ASCII) of every
 other key. It shows that the file was not edited after it was written; it is not a signature: whoever edits
 the file can recompute it. Sign the file (or file its hash) where authenticity matters.
 
-`verify_certificate` re-audits a model on the forget and holdout sets and checks each claim by name.
+`unmemorize.evaluate.verify.verify_certificate` re-audits a model and checks each claim by name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import ValidationError
 
-from .. import __version__
-from ..audit import AuditResult, AuditSettings, audit
-from ..data import Sequence, atomic_write_text, load_set
+from .._version import __version__
 from ..errors import InputError
-from ..measure.band import EXTRACTABLE, OVER_UNLEARNED
-from ..model import Runtime, state_sha256
-from ..tokens import encode, ids_sha256
+from ..io.files import atomic_write_text
+from ..io.hashing import ids_sha256
+
+if TYPE_CHECKING:
+    from ..measure.audit import AuditResult
 
 FORMAT, FORMAT_VERSION = "unmemorize-certificate", 1
 TOKEN_HASH = "sha256 of the token ids as little-endian int32 bytes, after truncation to audit.max_tokens"
@@ -87,7 +85,7 @@ def build_certificate(run: dict, before: AuditResult, after: AuditResult, forget
         "input_model": {"source": run["input_model"]["source"], "sha256": run["input_model"]["sha256"]},
         "output_model": {"sha256": after.model["sha256"],
                          "weights": after.model.get("runtime", {}).get("weights")},
-        "hashes": {"model": "unmemorize.model.state_sha256 of the loaded weights", "tokens": TOKEN_HASH,
+        "hashes": {"model": "unmemorize.io.models.state_sha256 of the loaded weights", "tokens": TOKEN_HASH,
                    "integrity": "sha256 of the canonical JSON of every key but 'integrity'; not a signature"},
         "tokenizer": tokenizer_info,
         "audit": settings,
@@ -177,139 +175,5 @@ def check_certificate(certificate, where: str = "certificate") -> None:
         raise InputError(f"--certificate {where}: 'audit' must be an object of audit settings")
 
 
-@dataclass
-class VerifyResult:
-    claims: list[dict]  # {"name", "ok", "reason"}, in the order they were checked
-    audit: AuditResult | None = field(default=None, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return all(c["ok"] for c in self.claims)
-
-    @property
-    def failures(self) -> list[dict]:
-        return [c for c in self.claims if not c["ok"]]
-
-
-def verify_certificate(certificate: dict, model, tokenizer, runtime: Runtime,
-                       sets: dict[str, list[Sequence]] | None = None) -> VerifyResult:
-    """Check every claim of `certificate` against `model` (the unlearned model, loaded) and the data.
-
-    `sets` holds "forget" and "holdout"; a missing one is loaded from the source the certificate recorded.
-    Every claim is checked even after one fails, so the result lists everything that does not hold.
-    """
-    check_certificate(certificate)
-    sets = _sets(certificate, sets or {})
-    claims: list[dict] = []
-
-    def claim(name: str, ok: bool, reason: str) -> None:
-        claims.append({"name": name, "ok": bool(ok), "reason": reason})
-
-    recorded = certificate["integrity"]["sha256"]
-    claim("body_hash", body_sha256(certificate) == recorded,
-          "the certificate is as written" if body_sha256(certificate) == recorded else
-          "the certificate was edited after it was written (its body no longer matches integrity.sha256)")
-
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    same_tokenizer = fingerprint["sha256"] == certificate["tokenizer"]["sha256"]
-    claim("tokenizer", same_tokenizer, "the model's tokenizer is the certified one" if same_tokenizer else
-          f"the model's tokenizer ({fingerprint['class']}, {fingerprint['vocab_size']} tokens) is not the certified "
-          "one, so token-id hashes cannot match")
-
-    certified_model = certificate["output_model"]
-    actual = state_sha256(model)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    hint = "" if certified_model.get("weights") in (None, dtype) else \
-        f" (weights loaded as {dtype}, certified as {certified_model['weights']}: load them as certified)"
-    claim("model_hash", actual == certified_model["sha256"],
-          f"weights hash {actual[:12]} is the certified output model" if actual == certified_model["sha256"] else
-          f"weights hash {actual[:12]} is not the certified {certified_model['sha256'][:12]}{hint}")
-
-    try:
-        settings = AuditSettings(**{k: v for k, v in certificate["audit"].items() if k in AuditSettings.model_fields})
-    except ValidationError as error:
-        raise InputError(f"--certificate: bad audit settings ({error.errors()[0]['msg']})") from None
-    settings = settings.model_copy(update={"el_n": []})  # no claim rests on EL; it is the slow part
-    for set_name, entries in (("forget", certificate["sequences"]), ("holdout", certificate["holdout"]["sequences"])):
-        ids = encode(tokenizer, sets[set_name], settings.max_tokens, set_name)
-        ok, reason = _match(set_name, sets[set_name], ids, entries)
-        claim(f"{set_name}_sequences", ok, reason)
-
-    stated = certificate["claims"]
-    stated_ok = stated["target_reached"] and stated.get("no_extractable_after") and stated.get("no_verbatim_after")
-    claim("certified_target", stated_ok, "the certificate states the target was reached" if stated_ok else
-          f"the certificate itself states the target was not reached ({stated.get('extractable_after')} "
-          f"extractable, {stated.get('verbatim_after')} verbatim)")
-
-    result = audit(model, tokenizer, {"forget": sets["forget"], "holdout": sets["holdout"]}, settings, runtime)
-    band, forget = result.band, result.of("forget")
-    above = [r.id for r in forget if r.status == EXTRACTABLE]
-    claim("not_extractable", not above, f"all {len(forget)} forget sequences are at or under the band's upper "
-          f"bound {band.upper:.4f}" if not above else f"{len(above)} of {len(forget)} forget sequences are above the "
-          f"band (MA > {band.upper:.4f}): {', '.join(above)}")
-    verbatim = [r.id for r in forget if r.verbatim]
-    claim("not_verbatim", not verbatim, "no forget sequence is reproduced verbatim from its prefix" if not verbatim
-          else f"{len(verbatim)} forget sequences are reproduced verbatim from their prefix: {', '.join(verbatim)}")
-    over = [r.id for r in forget if r.status == OVER_UNLEARNED]
-    allowed = int(stated.get("over_unlearned_after", 0))
-    claim("over_unlearned", len(over) <= allowed, f"{len(over)} over-unlearned (certified {allowed})"
-          if len(over) <= allowed else f"{len(over)} over-unlearned, more than the certified {allowed}: "
-          f"{', '.join(over)}")
-
-    certified_band = certificate["band"]
-    drift = _band_drift(certified_band, band.lower, band.upper)
-    claim("band", drift <= BAND_TOLERANCE, f"band [{_fmt(band.lower)}, {band.upper:.4f}] re-measured on the "
-          f"holdout; certified [{_fmt(certified_band.get('lower'))}, {certified_band['upper']:.4f}]"
-          + ("" if drift <= BAND_TOLERANCE else f": moved by {drift:.4f} > {BAND_TOLERANCE}"))
-    return VerifyResult(claims, result)
-
-
-def _sets(certificate: dict, given: dict[str, list[Sequence]]) -> dict[str, list[Sequence]]:
-    """The given sets, and for a missing one the file the certificate recorded at unlearning time."""
-    sets = dict(given)
-    for name in ("forget", "holdout"):
-        if sets.get(name):
-            continue
-        source = certificate.get("data", {}).get(name)
-        if not source:
-            raise InputError(f"verify needs --{name}: the certificate records no {name} file")
-        try:
-            sets[name] = load_set(source)
-        except InputError as error:
-            raise InputError(f"the {name} set recorded in the certificate: {error} (pass --{name})") from None
-    return sets
-
-
-def _match(set_name: str, sequences: list[Sequence], ids: list[list[int]], entries: list[dict]) -> tuple[bool, str]:
-    """Match by token-id hash (ids may be renumbered; the tokens are what was certified), as multisets."""
-    given = Counter(ids_sha256(t) for t in ids)
-    certified = Counter(e["sha256"] for e in entries)
-    extra = given - certified
-    missing = certified - given
-    if not extra and not missing:
-        return True, f"all {len(sequences)} {set_name} sequences match the certified token-id hashes"
-    unknown = [s.id for s, t in zip(sequences, ids, strict=True) if extra[ids_sha256(t)]]
-    absent = [e["id"] for e in entries if missing[e["sha256"]]]
-    parts = []
-    if unknown:
-        parts.append(f"not certified: {', '.join(unknown)}")
-    if absent:
-        parts.append(f"certified but not given: {', '.join(absent)}")
-    return False, f"the {set_name} set is not the certified one ({'; '.join(parts)})"
-
-
-def _band_drift(certified: dict, lower: float | None, upper: float) -> float:
-    drift = abs(upper - float(certified["upper"]))
-    if (lower is None) != (certified.get("lower") is None):
-        return float("inf")
-    if lower is not None:
-        drift = max(drift, abs(lower - float(certified["lower"])))
-    return drift
-
-
-def _fmt(value: float | None) -> str:
-    return "none" if value is None else f"{value:.4f}"
-
-
-__all__ = ["VerifyResult", "build_certificate", "read_certificate", "tokenizer_fingerprint", "verify_certificate",
+__all__ = ["body_sha256", "build_certificate", "check_certificate", "read_certificate", "tokenizer_fingerprint",
            "write_certificate"]

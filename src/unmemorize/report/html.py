@@ -15,9 +15,9 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from .. import __version__
-from ..data import atomic_write_text
+from .._version import __version__
 from ..errors import InputError
+from ..io.files import atomic_write_text
 from . import plots
 
 REPORT = "report.html"

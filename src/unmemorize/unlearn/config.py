@@ -1,4 +1,6 @@
-"""Settings of an unlearning run: validated, with the same names as the command-line options."""
+"""Settings of the unlearning loop: validated, with the same names as the command-line options.
+
+A run's settings (`unmemorize.runs.config.UnlearnSettings`) add what is evaluated around it."""
 
 from __future__ import annotations
 
@@ -6,13 +8,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..audit import AuditSettings
 from ..errors import InputError
-from ..evaluate.suite import EvaluationSettings
+from ..measure.audit import AuditSettings
 from .methods import PRESETS
 
 
-class UnlearnSettings(BaseModel):
+class LoopSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field("sga", description="A name from `unmemorize methods`.")
@@ -36,7 +37,6 @@ class UnlearnSettings(BaseModel):
     max_lambda: float = Field(4.0, gt=0, description="ta/tau: the largest lambda the line search tries.")
     seed: int = 0
     audit: AuditSettings = Field(default_factory=AuditSettings)
-    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
     @field_validator("method")
     @classmethod

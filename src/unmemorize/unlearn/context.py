@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..io.models import Runtime
+from ..io.tokens import pad
 from ..measure.scoring import token_logprobs
-from ..model import Runtime
-from ..tokens import pad
 
 
 @dataclass

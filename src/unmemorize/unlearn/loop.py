@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..evaluate.utility import utility, utility_drop
 from ..measure.band import EXTRACTABLE, Band, calibrate
 from ..measure.scoring import lean_scores
+from ..measure.utility import utility, utility_drop
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import UnlearnSettings
+from .config import LoopSettings
 from .context import Batch, Context
 from .methods import BAND
 from .methods.ascent import Ascent
@@ -54,7 +54,7 @@ class LoopOutcome:
     restored_step: int | None = None
 
 
-def calibrate_band(ctx: Context, sets: TokenSets, settings: UnlearnSettings) -> tuple[Band, float]:
+def calibrate_band(ctx: Context, sets: TokenSets, settings: LoopSettings) -> tuple[Band, float]:
     scores = lean_scores(ctx.model, sets.holdout, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
     ma = [s.ma for s in scores]
     return calibrate(settings.audit.band, ma), float(np.mean(ma))
@@ -65,7 +65,7 @@ def blocking(scores, band: Band, prefix_tokens: int) -> list[int]:
     return [i for i, s in enumerate(scores) if band.status(s.ma) == EXTRACTABLE or s.verbatim(prefix_tokens)]
 
 
-def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], settings: UnlearnSettings,
+def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], settings: LoopSettings,
                      sets: TokenSets, work: Path, utility_before: dict, accelerator,
                      grad_mask: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> LoopOutcome:
     columns = (TextColumn("unlearning"), BarColumn(), MofNCompleteColumn(), TextColumn("steps · {task.fields[status]}"),
@@ -79,7 +79,7 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
         return _steps(ctx, objective, params, settings, sets, work, utility_before, accelerator, grad_mask, show)
 
 
-def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: UnlearnSettings, sets: TokenSets,
+def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: LoopSettings, sets: TokenSets,
            work: Path, utility_before: dict, accelerator, grad_mask, show) -> LoopOutcome:
     model, audit = ctx.model, settings.audit
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(0.9, 0.98))  # Jang et al.
@@ -200,7 +200,7 @@ def shard_totals(accelerator, objective, batch: Batch, loss: torch.Tensor, has_s
     return accelerator.num_processes * units / all_units, weighted / all_units, int(tokens)
 
 
-def sample_retain(sets: TokenSets, settings: UnlearnSettings, step: int, ctx: Context) -> Batch | None:
+def sample_retain(sets: TokenSets, settings: LoopSettings, step: int, ctx: Context) -> Batch | None:
     """A retain batch drawn from a generator seeded by (seed, step): the same batch on a resumed run."""
     if not sets.retain:
         return None

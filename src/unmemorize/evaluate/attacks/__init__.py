@@ -23,10 +23,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from ...audit import AuditResult, AuditSettings, audit
-from ...data import Sequence
 from ...errors import InputError
-from ...model import Runtime
+from ...io.models import Runtime
+from ...io.sets import Sequence
+from ...measure.audit import AuditResult, AuditSettings, audit
 from .common import AttackContext
 from .prefix import VARIATIONS, prefix_attack
 from .quantize import quantize_attack

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...audit import AuditResult, AuditSettings, SequenceResult, audit
-from ...data import Sequence
 from ...errors import InputError
+from ...io.models import Runtime
+from ...io.sets import Sequence
+from ...io.tokens import encode, pad_id_of
+from ...measure.audit import AuditResult, AuditSettings, SequenceResult, audit
 from ...measure.band import EXTRACTABLE
-from ...model import Runtime
-from ...tokens import encode, pad_id_of
 
 
 @dataclass

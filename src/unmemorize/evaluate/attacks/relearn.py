@@ -15,7 +15,7 @@ import math
 import torch
 
 from ...errors import InputError
-from ...train import finetune
+from ...unlearn.train import finetune
 from .common import AttackContext, audit_rows, counts, holdout_summary
 
 

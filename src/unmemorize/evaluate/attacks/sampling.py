@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...io.models import Runtime
 from ...measure.band import EXTRACTABLE
 from ...measure.extraction import continue_prompts
-from ...model import Runtime
 from .common import AttackContext, counts, sequence_row
 
 NOT_EXTRACTED = "not_extracted"

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from ...train import finetune
 from ..context import Context
+from ..train import finetune
 
 
 def task_vector(ctx: Context, params: dict[str, torch.nn.Parameter], chosen: list[list[int]], *, epochs: int,

@@ -16,9 +16,9 @@ import math
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .errors import InputError
-from .model import Runtime
-from .tokens import pad
+from ..errors import InputError
+from ..io.models import Runtime
+from ..io.tokens import pad
 
 IGNORE = -100  # the label value cross_entropy skips
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..audit import AuditResult
-from ..data import Sequence, atomic_write_text
 from ..errors import InputError
-from ..evaluate.utility import utility_drop
-from ..model import Runtime
+from ..io.files import atomic_write_text
+from ..io.models import Runtime
+from ..io.sets import Sequence
+from ..measure.audit import AuditResult
+from ..measure.utility import utility_drop
 from ..report.html import render_compare_report
 from .config import UnlearnSettings
 from .run import RunResult, unlearn

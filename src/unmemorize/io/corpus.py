@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import SUFFIXES, checked_file
-from .errors import InputError
+from ..errors import InputError
+from .sets import SUFFIXES, checked_file
 
 PARQUET_BATCH_ROWS = 1024
 

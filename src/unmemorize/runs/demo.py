@@ -13,14 +13,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..errors import InputError
+from ..io.files import atomic_write_text
+from ..io.models import Runtime, load_model, state_sha256
+from ..io.sets import write_jsonl
+from ..measure.audit import AuditSettings, audit
+from ..report.terminal import attack_table, compare_table, print_audit, print_oracle
 from . import embedded
-from .audit import AuditSettings, audit
-from .data import atomic_write_text, write_jsonl
-from .display import attack_table, compare_table, print_audit, print_oracle
-from .errors import InputError
-from .model import Runtime, load_model, state_sha256
-from .unlearn.compare import compare, rows_of
-from .unlearn.config import UnlearnSettings
+from .compare import compare, rows_of
+from .config import UnlearnSettings
 
 # How many of the documentation chunks the victim was fine-tuned on join the retain set: the retain set is
 # "training data that must stay as it is", and keeping some general text in it is what holds general-text

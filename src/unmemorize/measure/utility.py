@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ..measure.scoring import lean_scores
-from ..model import Runtime
+from ..io.models import Runtime
+from .scoring import lean_scores
 
 if TYPE_CHECKING:  # audit imports the measures this module uses: typing only
-    from ..audit import AuditResult
+    from .audit import AuditResult
 
 
 class Scored(Protocol):

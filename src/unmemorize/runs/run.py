@@ -17,25 +17,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
-from ..audit import AuditResult, audit
-from ..data import Sequence, atomic_write_text
+from .._version import __version__
 from ..errors import InputError
 from ..evaluate.efficiency import TokenCounter, peak_gpu_memory_mb, peak_memory_mb
 from ..evaluate.oracle import oracle_report
 from ..evaluate.suite import audit_oracle, evaluate_audit, model_utility
-from ..evaluate.utility import utility, utility_drop
+from ..io.files import atomic_write_text
+from ..io.models import Runtime, load_model, save_checkpoint, state_sha256
+from ..io.sets import Sequence
+from ..io.tokens import encode, pad_id_of
+from ..measure.audit import AuditResult, audit
 from ..measure.scoring import lean_scores
-from ..model import Runtime, load_model, save_checkpoint, state_sha256
+from ..measure.utility import utility, utility_drop
 from ..report import render_run_report
 from ..report.certificate import build_certificate, tokenizer_fingerprint, write_certificate
-from ..tokens import encode, pad_id_of
+from ..unlearn.context import Batch, Context
+from ..unlearn.loop import LoopOutcome, TokenSets, blocking, calibrate_band, gradient_unlearn
+from ..unlearn.methods import BAND, build_objective
+from ..unlearn.methods.task_vector import apply, line_search, task_vector
 from .config import UnlearnSettings
-from .context import Batch, Context
 from .ledger import earlier_sequences, read_ledger, request_entry, write_ledger
-from .loop import LoopOutcome, TokenSets, blocking, calibrate_band, gradient_unlearn
-from .methods import BAND, build_objective
-from .methods.task_vector import apply, line_search, task_vector
 
 
 @dataclass

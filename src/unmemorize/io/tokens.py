@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 
-from .data import Sequence as TextSequence
-from .errors import InputError
+from ..errors import InputError
+from .hashing import ids_sha256
+from .sets import Sequence as TextSequence
 
 
 def encode(tokenizer, sequences: Sequence[TextSequence], max_tokens: int, set_name: str = "set") -> list[list[int]]:
@@ -65,8 +64,4 @@ def pad_id_of(tokenizer) -> int:
             return int(candidate)
     return 0
 
-
-def ids_sha256(ids: Sequence[int]) -> str:
-    """SHA-256 of the token ids as little-endian int32 bytes: names a sequence without keeping its text
-    (ledger and certificate alike)."""
-    return hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()
+__all__ = ["encode", "ids_sha256", "length_batches", "pad", "pad_id_of", "to_device"]

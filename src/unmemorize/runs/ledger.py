@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import Sequence, load_set
 from ..errors import InputError
-from ..tokens import encode, ids_sha256
+from ..io.sets import Sequence, load_set
+from ..io.tokens import encode, ids_sha256
 
 LEDGER = "ledger.json"
 

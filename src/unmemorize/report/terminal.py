@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .audit import AuditResult
+from ..measure.audit import AuditResult
 
 STATUS_STYLE = {"extractable": "bold red", "in_band": "green", "over_unlearned": "yellow", None: "dim"}
 

@@ -48,13 +48,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import __version__
-from .corpus import Corpus, Malformed
-from .data import atomic_write_text
-from .errors import InputError
-from .measure.scoring import LeanScores, lean_scores
-from .model import Runtime
-from .tokens import ids_sha256, pad_id_of
+from .._version import __version__
+from ..errors import InputError
+from ..io.corpus import Corpus, Malformed
+from ..io.files import atomic_write_text
+from ..io.models import Runtime
+from ..io.tokens import ids_sha256, pad_id_of
+from ..measure.scoring import LeanScores, lean_scores
 
 MA_EDGES = [round(0.05 * i, 2) for i in range(21)]  # 20 bins; the last one holds MA = 1
 STATE_GLOB = ".scan-state.*.json"
@@ -520,7 +520,7 @@ def join_processes(runtime: Runtime) -> tuple[int, int]:
     CPU) and puts each process on its own device: call it before loading the model. Alone: (0, 1)."""
     from accelerate import Accelerator
 
-    from .unlearn.run import end_process_group_at_exit
+    from .run import end_process_group_at_exit
 
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     if accelerator.num_processes > 1:

@@ -1,0 +1,1 @@
+"""Inputs: sets, corpora, models and tokens."""
