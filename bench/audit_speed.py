@@ -32,12 +32,12 @@ import torch
 import transformers
 from machine import bare_forward, cpu_model  # bench/machine.py: scripts run from bench/
 
-from unmemorize.runs import embedded
 from unmemorize.io.models import load_model, make_runtime
 from unmemorize.io.tokens import encode, pad_id_of
 from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.extraction import divergence_points, extraction_likelihoods, reference_extraction_likelihoods
 from unmemorize.measure.scoring import score_tokens
+from unmemorize.runs import embedded
 
 EL_TARGET = 20.0  # the issue: EL_n at least 20x faster than the per-prefix reference
 SCORE_TARGET = 1.2  # score_tokens within 1.2x of one bare forward pass

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from unmemorize.runs import embedded
 from unmemorize.io.models import load_model, make_runtime, state_sha256
 from unmemorize.measure.audit import AuditSettings, audit
+from unmemorize.runs import embedded
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.demo import RETAIN_GENERAL_CHUNKS
 from unmemorize.runs.run import unlearn
-from unmemorize.unlearn.methods import PRESETS
+from unmemorize.unlearn.methods import METHODS
 
 # Per-method options beyond the defaults (the defaults are each method's own learning rate).
 OVERRIDES: dict[str, dict] = {}
@@ -32,7 +32,7 @@ OVERRIDES: dict[str, dict] = {}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--methods", default=",".join(PRESETS))
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--extra", default="{}", help="JSON of settings applied to every method")

@@ -38,13 +38,13 @@ import torch
 import transformers
 from machine import bare_forward, cpu_model  # bench/machine.py: scripts run from bench/
 
-from unmemorize.runs import embedded
 from unmemorize.io.models import load_model, make_runtime
 from unmemorize.io.sets import Sequence
 from unmemorize.io.tokens import encode, pad_id_of
 from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.extraction import divergence_points
 from unmemorize.measure.scoring import score_tokens
+from unmemorize.runs import embedded
 
 EL_N = 10  # the default EL_n of AuditSettings
 

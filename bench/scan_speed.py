@@ -39,11 +39,11 @@ import torch
 import transformers
 from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
-from unmemorize.runs import embedded
-from unmemorize.runs import scan as scanning
 from unmemorize.io.corpus import open_corpus
 from unmemorize.io.models import load_model, make_runtime
 from unmemorize.io.tokens import pad, pad_id_of
+from unmemorize.runs import embedded
+from unmemorize.runs import scan as scanning
 from unmemorize.runs.scan import ScanSettings, scan, window_batches
 
 TARGET = 0.85  # the issue: scan at 85% or more of a bare batched forward

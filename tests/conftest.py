@@ -1,12 +1,26 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from tiny import build_tiny_model
 
 from unmemorize.io.sets import write_jsonl
+
+# UNMEMORIZE_TEST_FP32=1 runs the suite as a CPU without fast bfloat16 would (AVX2 only, e.g. AMD EPYC):
+# `make_runtime()` picks no autocast, here and in every process the tests start (tests/fp32_site/
+# sitecustomize.py, put on PYTHONPATH). With ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+# MKL_ENABLE_INSTRUCTIONS=AVX2 the float32 kernels are the AVX2 ones too, so an AVX-512/AMX machine
+# reproduces that CPU's numerics.
+if os.environ.get("UNMEMORIZE_TEST_FP32") == "1":
+    import unmemorize.io.models as _models
+
+    _site = str(Path(__file__).parent / "fp32_site")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_site, os.environ.get("PYTHONPATH")]))
+    _fast = _models._bf16_is_fast
+    _models._bf16_is_fast = lambda device: device.type != "cpu" and _fast(device)
 
 
 @pytest.fixture(scope="session")

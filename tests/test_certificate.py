@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from unmemorize.errors import InputError
-from unmemorize.evaluate.verify import verify_certificate
 from unmemorize.io.models import load_model, make_runtime
 from unmemorize.io.sets import Sequence
 from unmemorize.io.tokens import encode
@@ -23,6 +22,7 @@ from unmemorize.report.certificate import (
 )
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
+from unmemorize.runs.verify import verify_certificate
 
 RUNTIME = make_runtime("cpu", "float32")
 FAST_AUDIT = {"el_n": [], "prefix_tokens": 8, "batch_size": 8}

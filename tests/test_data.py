@@ -75,3 +75,51 @@ def test_hf_source_loads_a_local_dataset_folder(tmp_path):
     (folder / "train.jsonl").write_text('{"text": "alpha"}\n{"text": "beta"}\n')
     sequences = load_set(f"hf:{folder}:train")
     assert [(s.id, s.text) for s in sequences] == [("1", "alpha"), ("2", "beta")]
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize(("name", "content", "ids"), [
+    ("a.jsonl", '{"id": "x", "text": "alpha"}\n{"text": "beta"}\n', ("x", "2")),
+    ("a.csv", "id,text\nx,alpha\n,beta\n", ("x", "3")),
+    ("a.txt", "alpha\nbeta\n", ("1", "2")),
+], ids=["jsonl", "csv", "txt"])
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "bom"])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_windows_files_load_as_unix_ones(tmp_path, name, content, ids, bom, newline):
+    """What Windows tools write (a UTF-8 byte-order mark, CRLF line ends) loads the same sequences."""
+    (tmp_path / name).write_bytes(((BOM if bom else "") + content.replace("\n", newline)).encode("utf-8"))
+    assert [(s.id, s.text) for s in load_set(tmp_path / name)] == [(ids[0], "alpha"), (ids[1], "beta")]
+
+
+def test_bom_does_not_hide_the_line_of_bad_utf8(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(BOM.encode() + b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"a.jsonl:2: not UTF-8"):
+        load_set(tmp_path / "a.jsonl")
+
+
+def test_csv_quoted_fields_keep_commas_and_line_breaks(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b'id,text\r\na,"one, two\r\nthree"\r\n,"say ""hi"""\r\n\r\n,last\r\n')
+    loaded = [(s.id, s.text) for s in load_set(tmp_path / "a.csv")]
+    # the default id is the line the row starts on: the quoted line break counts as a line of the file
+    assert loaded == [("a", "one, two\r\nthree"), ("4", 'say "hi"'), ("6", "last")]
+
+
+def test_csv_row_after_a_multiline_field_is_named_by_its_own_line(tmp_path):
+    (tmp_path / "a.csv").write_text('id,text\na,"one\ntwo"\nb,\n')
+    with pytest.raises(InputError, match=r"a.csv:4: empty text"):
+        load_set(tmp_path / "a.csv")
+
+
+def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
+    """JSON allows U+2028, U+0085 and form feeds raw inside a string: they are not line ends."""
+    texts = ["alpha\u2028beta", "gamma\x85delta\x0cepsilon"]
+    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts)
+    (tmp_path / "a.jsonl").write_text(lines, encoding="utf-8", newline="")
+    assert [s.text for s in load_set(tmp_path / "a.jsonl")] == texts
+
+
+def test_loaded_set_remembers_its_source(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    assert load_set(tmp_path / "a.txt").source == str(tmp_path / "a.txt")

@@ -2,7 +2,7 @@
 
 Each rank measures every second sequence of each set; the rows are gathered back into the input order and the
 band, statuses and privacy AUCs are computed from all of them, so audit.json and audit.csv must match a
-one-process audit (floats to 1e-9: on CPU in float32 the ranks' different batches give the same values).
+one-process audit: exactly, except the float32 measures (see FP32_MEASURES).
 """
 
 from __future__ import annotations
@@ -22,7 +22,18 @@ from unmemorize.io.tokens import pad_id_of
 from unmemorize.measure.audit import AuditSettings, measure_rows, merge_shards
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-TOL = 1e-9
+# A rank batches its share of a set differently from one process, so a sequence is padded to another width
+# and the float32 matmuls sum in another order: loss, zlib, Min-K% and Min-K%++ (means of float32
+# log-probabilities and z-scores) can differ in the last bits. They are bitwise equal on an AVX-512/AMX CPU,
+# but up to 3e-7 relative (1.6e-6 absolute) apart on an AVX2-only one. Allowed: 1e-6 relative (~8 float32
+# ulps), with a 1e-6 absolute floor because Min-K%++ averages z-scores = (log p - mu) / sigma, float32
+# differences of terms up to ~10 that can average to near 0 (0.02 seen), where only an absolute bound is
+# meaningful. A wrong row (another sequence, a lost mask) is off by 1e-3 or far more.
+# Everything else stays exact: MA, EL and verbatim count argmax hits (batch-independent unless two logits
+# tie within rounding), the band and statuses come from MA alone, and the privacy AUCs, intervals and ROC
+# points depend only on the order of forget vs holdout scores (apart by far more than 1e-6 here).
+FP32_MEASURES = {"loss", "zlib", "mink", "minkpp", "mean_loss"}
+FP32_REL = FP32_ABS = 1e-6
 
 
 def arguments(tiny, out: Path) -> list[str]:
@@ -32,19 +43,22 @@ def arguments(tiny, out: Path) -> list[str]:
             "--el-n", "2", "--prefix-tokens", "8", "--batch-size", "3", "--out", str(out)]
 
 
-def assert_close(a, b, where: str = "") -> None:
-    """Equal structure and equal values; floats up to TOL (absolute and relative)."""
+def fp32_close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=FP32_REL, abs_tol=FP32_ABS)
+
+
+def assert_close(a, b, where: str = "", key: str = "") -> None:
+    """Equal structure and equal values; the values under a key of FP32_MEASURES up to float32 rounding."""
     if isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), (where, a, b)
-        for key in a:
-            assert_close(a[key], b[key], f"{where}.{key}")
+        for k in a:
+            assert_close(a[k], b[k], f"{where}.{k}", k)
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), (where, a, b)
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and not isinstance(a, bool):
-        assert isinstance(b, (int, float)), (where, a, b)
-        assert math.isclose(a, b, rel_tol=TOL, abs_tol=TOL), (where, a, b)
+            assert_close(x, y, f"{where}[{i}]", key)
+    elif key in FP32_MEASURES and isinstance(a, float):
+        assert isinstance(b, float) and fp32_close(a, b), (where, a, b)
     else:
         assert a == b, (where, a, b)
 
@@ -96,5 +110,5 @@ def test_shards_merge_to_the_one_process_rows(tiny_loaded, tiny):
     assert [(r.set, r.id) for r in merged] == [(r.set, r.id) for r in whole]
     for a, b in zip(merged, whole, strict=True):
         assert (a.n_tokens, a.ma, a.el, a.verbatim) == (b.n_tokens, b.ma, b.el, b.verbatim)
-        assert all(math.isclose(getattr(a, k), getattr(b, k), rel_tol=TOL, abs_tol=TOL)
-                   for k in ("loss", "zlib", "mink", "minkpp"))
+        for k in ("loss", "zlib", "mink", "minkpp"):  # float32 rounding of other batches (see FP32_MEASURES)
+            assert fp32_close(getattr(a, k), getattr(b, k)), (a.set, a.id, k, getattr(a, k), getattr(b, k))

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from unmemorize.runs import embedded
 from unmemorize.errors import InputError
+from unmemorize.runs import embedded
 
 
 @pytest.fixture(scope="module")

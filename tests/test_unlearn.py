@@ -19,9 +19,9 @@ from unmemorize.io.sets import Sequence, write_jsonl
 from unmemorize.measure.utility import utility_drop
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
-from unmemorize.unlearn.methods import PRESETS
+from unmemorize.unlearn.methods import METHODS
 from unmemorize.unlearn.methods.ascent import Ascent
-from unmemorize.unlearn.methods.task_vector import line_search
+from unmemorize.unlearn.methods.task_vector import TaskVector, line_search
 
 FAST_AUDIT = {"el_n": [], "prefix_tokens": 8, "batch_size": 8}
 RUNTIME = make_runtime("cpu", "float32")
@@ -47,7 +47,7 @@ METHOD_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("method", list(PRESETS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_lowers_forget_ma_and_leaves_the_input_model_alone(tiny, general, tmp_path, method):
     before_hash = folder_sha256(tiny["model"])
     options = {"method": method, "stop": "steps", "max_steps": 5, "max_utility_drop": 10.0, **METHOD_OPTIONS[method]}
@@ -58,7 +58,7 @@ def test_every_method_lowers_forget_ma_and_leaves_the_input_model_alone(tiny, ge
     assert folder_sha256(tiny["model"]) == before_hash
     out = tmp_path / "out"
     assert {"model", "before.json", "after.json", "run.json", "trajectory.jsonl"} <= {p.name for p in out.iterdir()} \
-        or PRESETS[method].objective == "task_vector"
+        or METHODS[method].stages == (TaskVector,)
     assert not (tmp_path / "out.partial").exists()
     reloaded, _ = load_model(out / "model", RUNTIME)
     assert sum(p.numel() for p in reloaded.parameters()) > 0
@@ -239,7 +239,7 @@ def test_unlearn_refuses_an_existing_out_and_a_missing_holdout(tiny, tmp_path):
 def test_methods_lists_every_method():
     result = run_cli("methods")
     assert result.returncode == 0
-    for name in PRESETS:
+    for name in METHODS:
         assert name in result.stdout
 
 

@@ -1,35 +1,67 @@
 """unmemorize: find which training sequences a language model memorized, make it forget them one by one,
-and prove it."""
+and prove it.
+
+The public API is loaded on first use (PEP 562), so `import unmemorize` and `unmemorize --version` stay cheap
+and a layer low in the data flow (report/, io/) can be imported without the layers above it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .errors import InputError
-from .evaluate.attacks import AttackSettings, run_attacks
-from .io.models import Runtime, load_model, make_runtime
-from .io.sets import Sequence, load_set
-from .measure.audit import AuditResult, AuditSettings, SequenceResult, audit
-from .measure.band import Band, calibrate
-from .runs.compare import compare
-from .runs.config import UnlearnSettings
-from .runs.run import RunResult, unlearn
 
-__all__ = [
-           "AttackSettings",
-           "AuditResult",
-           "AuditSettings",
-           "Band",
-           "InputError",
-           "RunResult",
-           "Runtime",
-           "Sequence",
-           "SequenceResult",
-           "UnlearnSettings",
-           "__version__",
-           "audit",
-           "calibrate",
-           "compare",
-           "load_model",
-           "load_set",
-           "make_runtime",
-           "run_attacks",
-           "unlearn",
-]
+_API = {
+    "AuditResult": "measure.audit", "AuditSettings": "measure.audit", "SequenceResult": "measure.audit",
+    "audit": "measure.audit", "Band": "measure.band", "calibrate": "measure.band", "Sequence": "io.sets",
+    "load_set": "io.sets", "InputError": "errors", "Runtime": "io.models", "load_model": "io.models",
+    "make_runtime": "io.models", "AttackSettings": "evaluate.attacks", "run_attacks": "evaluate.attacks",
+    "UnlearnSettings": "runs.config", "RunResult": "runs.run", "unlearn": "runs.run", "compare": "runs.compare",
+}
+
+if TYPE_CHECKING:
+    from .errors import InputError
+    from .evaluate.attacks import AttackSettings, run_attacks
+    from .io.models import Runtime, load_model, make_runtime
+    from .io.sets import Sequence, load_set
+    from .measure.audit import AuditResult, AuditSettings, SequenceResult, audit
+    from .measure.band import Band, calibrate
+    from .runs.compare import compare
+    from .runs.config import UnlearnSettings
+    from .runs.run import RunResult, unlearn
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'unmemorize' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+class _Package(types.ModuleType):
+    """`unmemorize.unlearn` is the function of the public API, and also the name of the subpackage `unlearn/`:
+    importing the subpackage would rebind the package's attribute to it. The attribute stays the function."""
+
+    @property
+    def unlearn(self):
+        return importlib.import_module(".runs.run", __name__).unlearn
+
+    @unlearn.setter
+    def unlearn(self, value) -> None:  # the import system setting the subpackage: it stays in sys.modules
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+__all__ = ["AttackSettings", "AuditResult", "AuditSettings", "Band", "InputError", "RunResult", "Runtime",
+           "Sequence", "SequenceResult", "UnlearnSettings", "__version__", "audit", "calibrate", "compare",
+           "load_model", "load_set", "make_runtime", "run_attacks", "unlearn"]

@@ -220,6 +220,13 @@ MaxUtilityDrop = Annotated[float | None, Opt("--max-utility-drop", help="[defaul
 General = Annotated[str | None, Opt("--general", help="General text for utility [default: Python docs].")]
 Config = Annotated[Path | None, Opt("--config", help="YAML file whose keys are these options.")]
 Attacks = Annotated[bool | None, Opt("--attacks", help="Run the robustness attacks on the unlearned model.")]
+MethodArg = Annotated[list[str] | None, Opt("--method-arg", metavar="KEY=VALUE", help="An option of the method "
+                                          "(see `unmemorize methods`), VALUE read as YAML (beta=0.5 is a number). "
+                                          "Repeatable.")]
+CompareMethodArg = Annotated[list[str] | None, Opt("--method-arg", metavar="KEY=VALUE", help="Sets KEY for every "
+                                                 "compared method that has that option; METHOD.KEY=VALUE for one "
+                                                 "method only (see `unmemorize methods`). VALUE read as YAML. "
+                                                 "Repeatable.")]
 MaybeInt = Annotated[int | None, Opt()]
 MaybeStr = Annotated[str | None, Opt()]
 SETTING_KEYS = ("method", "lr", "max_steps", "stop", "retain_loss", "retain_weight", "lora", "mask_fraction",
@@ -234,6 +241,7 @@ def unlearn(
                                      "run's model).")] = None,
     holdout: Holdout = None, retain: Retain = None,
     method: Annotated[str | None, Opt("--method", help="See `unmemorize methods`. [default: sga]")] = None,
+    method_arg: MethodArg = None,
     resume: Annotated[bool, Opt("--resume", help="Continue an interrupted run in <out>.partial.")] = False,
     previous: Annotated[Path | None, Opt("--previous", help="An earlier run to continue from (a later request): "
                                          "its model, and its ledger of forgotten sequences re-audited.")] = None,
@@ -251,7 +259,7 @@ def unlearn(
     from .runs.run import unlearn as run_unlearn
 
     flags = {key: value for key, value in locals().items() if key in SETTING_KEYS}
-    settings = unlearn_settings(config, flags)
+    settings = unlearn_settings(config, {**flags, "method_args": parse_method_args(method_arg)})
     model = model_of(model, previous)
     check_out_folder(out, resume)
     sets = load_sets(forget=forget, holdout=holdout, retain=retain)
@@ -268,7 +276,7 @@ def unlearn(
 def compare(
     forget: Forget, out: Annotated[Path, Opt("--out", help="New compare folder (runs/<method>/, compare.json).")],
     methods: Annotated[str, Opt("--methods", help="Comma-separated method names (see `unmemorize methods`).")],
-    model: Model,
+    model: Model, method_arg: CompareMethodArg = None,
     holdout: Holdout = None, retain: Retain = None,
     general: General = None, config: Config = None, lr: Lr = None, max_steps: MaxSteps = None, stop: Stop = None,
     retain_loss: RetainLoss = None, retain_weight: RetainWeight = None, lora: Lora = None,
@@ -289,7 +297,9 @@ def compare(
     if len(set(names)) != len(names) or not names:
         raise InputError(f"--methods {methods!r}: give distinct method names, comma-separated")
     flags = {key: value for key, value in locals().items() if key in SETTING_KEYS}
-    runs = {name: unlearn_settings(config, {**flags, "method": name}) for name in names}
+    method_args = parse_method_args(method_arg)
+    runs = {name: unlearn_settings(config, {**flags, "method": name, "method_args": method_args}, compared=names)
+            for name in names}
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     if (out / "runs").exists() and any((out / "runs").iterdir()):
@@ -329,8 +339,10 @@ AUDIT_KEYS = ("max_tokens", "prefix_tokens", "el_n", "band", "batch_size", "seed
 EVALUATION_KEYS = ("oracle", "attacks", "tasks", "task_limit")
 
 
-def unlearn_settings(config: Path | None, flags: dict):
-    """Defaults, then the --config YAML, then the flags given on the command line."""
+def unlearn_settings(config: Path | None, flags: dict, compared: list[str] | None = None):
+    """Defaults, then the --config YAML, then the flags given on the command line (`method_args`: the YAML's
+    updated by the flags'). `compared`: the methods of a `compare`, whose options are picked out of the
+    method args (`method_args_for`)."""
     import yaml
     from pydantic import ValidationError
 
@@ -347,7 +359,12 @@ def unlearn_settings(config: Path | None, flags: dict):
         if not isinstance(loaded, dict):
             raise InputError(f"--config {config}: expected a mapping of option names to values")
         values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    if not isinstance(values.get("method_args") or {}, dict):
+        raise InputError(f"--config {config}: method_args must be a mapping of option names to values")
+    method_args = {**(values.get("method_args") or {}), **(flags.get("method_args") or {})}
     values.update({k: v for k, v in flags.items() if v is not None})
+    method = values.get("method", UnlearnSettings.model_fields["method"].default)
+    values["method_args"] = method_args_for(method, method_args, compared)
     if isinstance(values.get("el_n"), str | int):
         values["el_n"] = parse_el_n(str(values["el_n"]))
     audit_values = {k: values.pop(k) for k in AUDIT_KEYS if k in values and k != "seed"}
@@ -367,6 +384,49 @@ def unlearn_settings(config: Path | None, flags: dict):
         name = str(loc[0]).replace("_", "-")
         where = f"--config {config}: " if config is not None and name in {k.replace("_", "-") for k in values} else ""
         raise InputError(f"{where}--{name}: {first['msg']}") from None
+
+
+def parse_method_args(texts: list[str] | None) -> dict:
+    """--method-arg KEY=VALUE (repeatable) as {KEY: VALUE}, VALUE read as a YAML scalar (0.5 a number, true a
+    boolean); a value YAML reads as anything else (a list, a mapping, null) stays the text given."""
+    import yaml
+
+    args: dict = {}
+    for text in texts or []:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--method-arg {text!r}: expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        args[key.strip()] = value if isinstance(value, str | int | float | bool) else raw
+    return args
+
+
+def method_args_for(method: str | None, args: dict, compared: list[str] | None = None) -> dict:
+    """The options of `method` among `args`: METHOD.KEY entries name their method; a plain KEY is for the method
+    of `unlearn`, and in a `compare` for every compared method that has such an option."""
+    from .unlearn.methods import METHODS
+
+    def has(name: str, option: str) -> bool:
+        return name in METHODS and option.replace("-", "_") in METHODS[name].config.model_fields
+
+    chosen: dict = {}
+    for key, value in args.items():
+        name, dot, option = str(key).rpartition(".")
+        if dot:
+            if name not in (compared or [method]):
+                where = f"--methods {','.join(compared)}" if compared else f"--method {method}"
+                raise InputError(f"--method-arg {key}={value}: {name!r} is not in {where}")
+            if name == method:
+                chosen[option] = value
+        elif compared is None or method not in METHODS or has(method, option):
+            chosen[key] = value  # unlearn: checked against the method (an unknown key is an error there)
+        elif not any(has(other, option) for other in compared):
+            raise InputError(f"--method-arg {key}={value}: none of the compared methods ({', '.join(compared)}) has "
+                             f"an option {option!r}")
+    return chosen
 
 
 def audit_settings_from(values: dict):
@@ -496,9 +556,9 @@ def verify(certificate: Annotated[Path, Opt("--certificate", help="certificate.j
            dtype: Annotated[str | None, Opt("--dtype", help="[default: the certified weights dtype]")] = None,
            allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False) -> int:
     """Re-audit a model and check each claim of a certificate. Exit 0 when all hold, 3 listing what fails."""
-    from .evaluate.verify import verify_certificate
     from .io.models import load_model, make_runtime
     from .report.certificate import read_certificate
+    from .runs.verify import verify_certificate
 
     claims = read_certificate(certificate)
     sets = load_sets(forget=forget, holdout=holdout)
@@ -517,24 +577,51 @@ def verify(certificate: Annotated[Path, Opt("--certificate", help="certificate.j
 
 
 @app.command()
-def methods() -> None:
-    """List the unlearning methods."""
+def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, options: {key: {default, help}}}} "
+                                        "as JSON.")] = False) -> None:
+    """List the unlearning methods and their options (--method-arg KEY=VALUE)."""
+    import json
+
     from rich.table import Table
 
-    from .unlearn.methods import PRESETS
+    from .unlearn.methods import METHODS
 
+    described = {name: spec.describe() for name, spec in METHODS.items()}
+    if as_json:
+        print(json.dumps(described, indent=1))
+        return
     table = Table(title="Methods (--method)", title_justify="left")
-    for column in ("name", "what it does", "selection", "retain loss", "lr"):
+    for column in ("name", "what it does", "options (default)", "selection", "retain loss", "lr"):
         table.add_column(column)
-    for preset in PRESETS.values():
-        table.add_row(preset.name, preset.summary, preset.selection, preset.retain_loss, f"{preset.lr:g}")
+    for name, spec in METHODS.items():
+        options = "\n".join(f"{key}={option['default']!r}" for key, option in described[name]["options"].items())
+        table.add_row(name, spec.summary, options or "-", spec.selection, spec.retain_loss, f"{spec.lr:g}")
     console.print(table)
+    helps: dict[tuple, list[str]] = {}  # an option shared by several methods is listed once
+    for name, item in described.items():
+        for key, option in item["options"].items():
+            helps.setdefault((key, repr(option["default"]), option["help"]), []).append(name)
+    options_table = Table(title="Options (--method-arg KEY=VALUE)", title_justify="left")
+    for column in ("option", "methods", "default", "what it sets"):
+        options_table.add_column(column)
+    for (key, default, text), names in helps.items():
+        options_table.add_row(key, ", ".join(names), default, text)
+    console.print(options_table)
     console.print("Any gradient method also takes --retain-loss none|nll|kl, --retain-weight, --lora R, "
                   "--mask-fraction F, --stop band|mean|steps, --max-steps.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from ._version import __version__
+
+        print(f"unmemorize {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _group() -> None:
+def _group(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                 callback=_print_version)] = False) -> None:
     """Find memorized training sequences, unlearn them one by one, prove it."""
 
 

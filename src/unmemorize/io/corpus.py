@@ -13,6 +13,7 @@ processes, reads the skipped shards without parsing them.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import itertools
 import json
@@ -76,6 +77,8 @@ def open_corpus(source: str, text_field: str = "text", id_field: str | None = No
         corpus = _file_corpus(source, text_field, id_field)
     try:
         first = next(corpus.records(), None)
+    except InputError:
+        raise
     except Exception as error:  # unreadable file; for hf: network, missing dataset, bad split (all user-fixable)
         raise InputError(f"{source}: cannot read ({type(error).__name__}: {error})".splitlines()[0]) from None
     if first is None:
@@ -103,9 +106,12 @@ def _file_corpus(source: str, text_field: str, id_field: str | None) -> Corpus:
 
 
 def _lines(path: Path) -> Iterator[Record]:
-    """Non-blank lines as bytes: decoding and JSON parsing wait for `parse`, so skipped shards cost no parsing."""
+    """Non-blank lines as bytes: decoding and JSON parsing wait for `parse`, so skipped shards cost no parsing.
+    A UTF-8 byte-order mark (what Windows tools write) is not part of the first line."""
     with path.open("rb") as handle:
         for line_no, line in enumerate(handle, start=1):
+            if line_no == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
             if line.strip():
                 yield line_no, line
 
@@ -149,7 +155,7 @@ def _field_reader(text_field: str, id_field: str | None) -> Callable[[Record], t
 
 
 def _csv_rows(path: Path, source: str) -> Iterator[Record]:
-    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
             yield reader.line_num, row  # the file's line number (header is line 1), as data.load_set
@@ -186,9 +192,21 @@ def _hf_corpus(source: str, text_field: str, id_field: str | None) -> Corpus:
         raise InputError(f"{source}: expected hf:NAME[:SPLIT]")
     import datasets
 
+    from .hub import hub_access
+
     def rows() -> Iterator[Record]:
-        # streaming=True: records arrive as they download; nothing is cached or loaded whole
-        dataset = datasets.load_dataset(name, split=split or "train", streaming=True)
+        # streaming=True: records arrive as they download (or, without the hub, as they are read from the local
+        # cache); nothing is cached or loaded whole
+        if Path(name).exists():  # a local dataset folder or file: no hub
+            dataset = datasets.load_dataset(name, split=split or "train", streaming=True)
+        else:
+            with hub_access(source) as hub:
+                try:
+                    dataset = datasets.load_dataset(name, split=split or "train", streaming=True)
+                except OSError:  # ConnectionError: not cached, while the hub cannot be reached
+                    if hub.offline:
+                        raise InputError(f"{source}: cannot read: {hub.reason()}") from None
+                    raise
         yield from enumerate(dataset, start=1)
 
     return Corpus(source, rows, _field_reader(text_field, id_field), {"source": source})

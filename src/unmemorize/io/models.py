@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .hub import hub_access
+from .tokens import set_context_length
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -90,12 +92,18 @@ def load_model(spec: str | os.PathLike, runtime: Runtime | None = None, *, allow
     quiet = logging.getLogger("transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    # a local load is quick and its progress bar noise on stderr; a download keeps its bar
-    bars = no_progress_bars() if path.exists() else contextlib.nullcontext()
+    hub = contextlib.nullcontext() if path.exists() else hub_access(f"model {spec}")
     try:
-        with bars:
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.weights, **kwargs)
+        # a local load (a folder, the cache without the hub) is quick and its progress bar noise on stderr; a
+        # download keeps its bar
+        with hub as access, (no_progress_bars() if access is None or access.offline else contextlib.nullcontext()):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.weights, **kwargs)
+            except OSError:  # not cached, while the hub cannot be reached (or offline mode is on)
+                if access is not None and access.offline:
+                    raise InputError(f"model {spec}: cannot load: {access.reason()}") from None
+                raise
     except InputError:
         raise
     except Exception as error:  # transformers raises OSError, ValueError, KeyError ... for a bad model
@@ -106,9 +114,26 @@ def load_model(spec: str | os.PathLike, runtime: Runtime | None = None, *, allow
         quiet.setLevel(level)
     if kwargs.get("gguf_file"):
         _drop_gguf_quantizer(model)
+    set_context_length(tokenizer, context_length(model.config))
     model.to(runtime.device)
     model.eval()
     return model, tokenizer
+
+
+# Config fields that hold the longest input a model takes, in tokens (the names differ between families; GPT-2
+# style configs map max_position_embeddings to n_positions themselves).
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> int | None:
+    """The model's context length from its config (of the text model, for a multimodal one); None when the
+    config names none (a model without position limit)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field in CONTEXT_FIELDS:
+        value = getattr(text_config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return value
+    return None
 
 
 @contextlib.contextmanager

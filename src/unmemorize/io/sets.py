@@ -6,8 +6,11 @@ is written anywhere.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -45,22 +48,49 @@ def checked_file(source: str, suffixes: tuple[str, ...] | None = None) -> tuple[
     return path, suffix
 
 
+class SequenceSet(list):
+    """A loaded set: a list of Sequence that remembers where it came from (`source`, as the user gave it), so a
+    later check can name the file."""
+
+    source: str | None = None
+
+
+def source_of(sequences: list[Sequence], default: str) -> str:
+    """The file (or hf:NAME) a loaded set came from; `default` for a set made in code."""
+    return getattr(sequences, "source", None) or default
+
+
 def load_set(source: str | os.PathLike) -> list[Sequence]:
     """Load one set. `source` is a file path or `hf:NAME[:SPLIT]`."""
     source = str(source)
     if source.startswith("hf:"):
-        return _validated(source, _hf_rows(source))
-    path, suffix = checked_file(source)
-    if suffix == ".parquet":
-        rows = _parquet_rows(path)
+        rows = _hf_rows(source)
     else:
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            line = path.read_bytes()[: error.start].count(b"\n") + 1
-            raise InputError(f"{source}:{line}: not UTF-8") from None
-        rows = {".csv": _csv_rows, ".txt": _txt_rows}.get(suffix, _jsonl_rows)(source, text)
-    return _validated(source, rows)
+        path, suffix = checked_file(source)
+        if suffix == ".parquet":
+            rows = _parquet_rows(path)
+        else:
+            rows = {".csv": _csv_rows, ".txt": _txt_rows}.get(suffix, _jsonl_rows)(source, read_text(path, source))
+    loaded = SequenceSet(_validated(source, rows))
+    loaded.source = source
+    return loaded
+
+
+def read_text(path: Path, source: str) -> str:
+    """A text file as users send it: UTF-8 with or without a byte-order mark (what Windows tools write)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        start = error.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        line = data[:start].count(b"\n") + 1
+        raise InputError(f"{source}:{line}: not UTF-8") from None
+
+
+def lines(text: str) -> list[str]:
+    """Lines ending in LF, CRLF or CR, without them. Not str.splitlines: it also splits at characters a JSON
+    string may hold as they are (U+2028, U+0085, form feed ...)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 # A row is (line number, id or None, text or None): the line number names the place in error messages
@@ -70,7 +100,7 @@ Row = tuple[int, object, object]
 
 def _jsonl_rows(source: str, text: str) -> list[Row]:
     rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -86,15 +116,27 @@ def _jsonl_rows(source: str, text: str) -> list[Row]:
 
 
 def _csv_rows(source: str, text: str) -> list[Row]:
-    reader = csv.DictReader(text.splitlines())
-    if reader.fieldnames is None or "text" not in reader.fieldnames:
-        raise InputError(f"{source}:1: missing column 'text'")
-    # Line numbers are the file's (header is line 1), so a user can find the row.
-    return [(line_no, row.get("id") or None, row["text"]) for line_no, row in enumerate(reader, start=2)]
+    # newline="": a quoted field keeps its line breaks (and commas); rows end in LF, CRLF or CR alike.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None or "text" not in header:
+            raise InputError(f"{source}:1: missing column 'text'")
+        rows: list[Row] = []
+        # Line numbers are the file's (header is line 1), where a row starts, so a user can find it.
+        start = reader.line_num + 1
+        for values in reader:
+            if values:  # [] is a blank line
+                row = dict(zip(header, values, strict=False))
+                rows.append((start, row.get("id") or None, row.get("text")))
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise InputError(f"{source}:{reader.line_num}: bad CSV ({error})") from None
+    return rows
 
 
 def _txt_rows(source: str, text: str) -> list[Row]:
-    return [(n, None, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return [(n, None, line) for n, line in enumerate(lines(text), start=1) if line.strip()]
 
 
 def _parquet_rows(path: Path) -> list[Row]:
@@ -117,14 +159,25 @@ def _hf_rows(source: str) -> list[Row]:
         raise InputError(f"{source}: expected hf:NAME[:SPLIT]")
     import datasets
 
-    try:
-        dataset = datasets.load_dataset(name, split=split or "train")
-    except Exception as error:  # network, missing dataset, bad split: all user-fixable
-        raise InputError(f"{source}: cannot load dataset ({type(error).__name__}: {error})".splitlines()[0]) from None
+    with _hub_access_unless_local(name, source) as hub:
+        try:
+            dataset = datasets.load_dataset(name, split=split or "train")
+        except Exception as error:  # network, missing dataset, bad split: all user-fixable
+            if hub is not None and hub.offline and isinstance(error, OSError):  # ConnectionError, not cached
+                raise InputError(f"{source}: cannot load dataset: {hub.reason()}") from None
+            raise InputError(f"{source}: cannot load dataset ({type(error).__name__}: {error})".splitlines()[0]) \
+                from None
     if "text" not in dataset.column_names:
         raise InputError(f"{source}: missing column 'text'")
     ids = dataset["id"] if "id" in dataset.column_names else [None] * len(dataset)
     return [(n, i, t) for n, (i, t) in enumerate(zip(ids, dataset["text"], strict=True), start=1)]
+
+
+def _hub_access_unless_local(name: str, source: str):
+    """hub.hub_access for a dataset the hub would provide; nothing for a local folder or file (hf:./data)."""
+    from .hub import hub_access
+
+    return contextlib.nullcontext() if Path(name).exists() else hub_access(source)
 
 
 def _validated(source: str, rows: Iterable[Row]) -> list[Sequence]:

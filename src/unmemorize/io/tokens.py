@@ -2,27 +2,94 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from ..errors import InputError
 from .hashing import ids_sha256
+from .notes import note
 from .sets import Sequence as TextSequence
+from .sets import source_of
+
+# Where load_model records the model's context length (tokens) on its tokenizer: encode never makes a sequence
+# longer than the model can take. Not the tokenizer's model_max_length: that one is saved with the tokenizer
+# and makes it warn about every longer text it is asked to tokenize whole.
+CONTEXT_ATTRIBUTE = "unmemorize_context_length"
+
+
+def set_context_length(tokenizer, context: int | None) -> None:
+    setattr(tokenizer, CONTEXT_ATTRIBUTE, context)
+
+
+def context_length(tokenizer) -> int | None:
+    """The context length of the model `tokenizer` was loaded with (load_model), None when unknown."""
+    return getattr(tokenizer, CONTEXT_ATTRIBUTE, None)
+
+
+def token_limit(tokenizer, max_tokens: int) -> int:
+    """What sequences are truncated to: `max_tokens`, or the model's context when that is shorter."""
+    context = context_length(tokenizer)
+    return max_tokens if context is None else min(max_tokens, context)
 
 
 def encode(tokenizer, sequences: Sequence[TextSequence], max_tokens: int, set_name: str = "set") -> list[list[int]]:
-    """Token ids with the tokenizer's default special tokens, truncated to `max_tokens`.
+    """Token ids with the tokenizer's default special tokens, truncated to `max_tokens`, or to the model's context
+    when that is shorter (a note says so once, when a sequence is cut by it).
 
     Every per-sequence measure needs at least two tokens (one to condition on, one to predict).
     """
     if max_tokens < 2:
         raise InputError(f"--max-tokens must be at least 2, got {max_tokens}")
-    encoded = tokenizer([s.text for s in sequences], truncation=True, max_length=max_tokens)["input_ids"]
+    texts = [s.text for s in sequences]
+    encoded = [list(ids) for ids in tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]]
+    limit = token_limit(tokenizer, max_tokens)
+    longer = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+    if longer:
+        # Encoded again, not cut: truncation keeps the special tokens a tokenizer puts at the end.
+        again = tokenizer([texts[i] for i in longer], truncation=True, max_length=limit)["input_ids"]
+        for i, ids in zip(longer, again, strict=True):
+            encoded[i] = list(ids)
+        note(f"--max-tokens {max_tokens} is longer than the model's context ({limit} tokens); sequences are "
+             f"truncated to {limit}")
     for seq, ids in zip(sequences, encoded, strict=True):
         if len(ids) < 2:
             raise InputError(f"{set_name}: sequence {seq.id!r} has {len(ids)} token(s); at least 2 are needed")
-    return [list(ids) for ids in encoded]
+    return encoded
+
+
+# The sets that must not share a sequence with the forget set, and what would go wrong if they did.
+MUST_NOT_SHARE = (
+    ("holdout", "the band would be calibrated on the data being deleted"),
+    ("retain", "the run would be told to keep what it deletes"),
+)
+
+
+def check_disjoint(token_ids: Mapping[str, Sequence[Sequence[int]] | None],
+                   sets: Mapping[str, Sequence[TextSequence]]) -> None:
+    """Refuse a holdout or a retain set that shares sequences with the forget set, compared by token ids (after
+    truncation, as they are measured). One InputError names the files, how many sequences they share and one
+    example. `token_ids[name][k]` are the ids of `sets[name][k]`; sets that are absent (or None) pass."""
+    forget = token_ids.get("forget")
+    if not forget:
+        return
+    first_of = {}
+    for index, ids in enumerate(forget):
+        first_of.setdefault(tuple(ids), index)
+    problems = []
+    for name, consequence in MUST_NOT_SHARE:
+        ids_of_set = token_ids.get(name)
+        if not ids_of_set:
+            continue
+        shared = [(k, first_of[tuple(ids)]) for k, ids in enumerate(ids_of_set) if tuple(ids) in first_of]
+        if shared:
+            k, f = shared[0]
+            problems.append(
+                f"--{name} {source_of(sets[name], name)} shares {len(shared)} sequence(s) with --forget "
+                f"{source_of(sets['forget'], 'forget')} (the same token ids after truncation; e.g. id "
+                f"{sets[name][k].id!r} is forget id {sets['forget'][f].id!r}): {consequence}; remove them")
+    if problems:
+        raise InputError("; ".join(problems))
 
 
 def pad(token_lists: Sequence[Sequence[int]], pad_id: int, left: bool = False,
@@ -64,4 +131,5 @@ def pad_id_of(tokenizer) -> int:
             return int(candidate)
     return 0
 
-__all__ = ["encode", "ids_sha256", "length_batches", "pad", "pad_id_of", "to_device"]
+__all__ = ["check_disjoint", "context_length", "encode", "ids_sha256", "length_batches", "pad", "pad_id_of",
+           "set_context_length", "to_device", "token_limit"]

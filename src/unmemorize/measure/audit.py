@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..io.files import atomic_write_text
 from ..io.models import Runtime, make_runtime
 from ..io.sets import Sequence
-from ..io.tokens import encode, pad_id_of
+from ..io.tokens import check_disjoint, encode, pad_id_of
 from .band import DEFAULT_RULE, EXTRACTABLE, IN_BAND, OVER_UNLEARNED, Band, calibrate, check_rule
 from .extraction import DECODE_BATCH_FACTOR, extraction_likelihoods
 from .privacy import privacy_report
@@ -136,14 +136,24 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 
 def measure_rows(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSettings, runtime: Runtime,
-                 pad_id: int, shard: tuple[int, int] | None = None) -> list[SequenceResult]:
+                 pad_id: int, shard: tuple[int, int] | None = None,
+                 token_ids: dict[str, list[list[int]]] | None = None) -> list[SequenceResult]:
     """Every per-sequence measure (rows without status), set by set in input order. With `shard` (rank, world),
-    only the sequences whose index within their set is rank modulo world."""
+    only the sequences whose index within their set is rank modulo world. `token_ids` holds sets the caller
+    already encoded (with `encode` and these settings' max_tokens): they are not encoded again."""
     rank, world = shard or (0, 1)
+    # Every set encoded before any scoring: a holdout or retain set sharing sequences with the forget set is
+    # refused first.
+    token_ids = {name: encode(tokenizer, seqs, settings.max_tokens, name) if (token_ids or {}).get(name) is None
+                 else token_ids[name] for name, seqs in sets.items()}
+    check_disjoint(token_ids, sets)
     rows: list[SequenceResult] = []
     for set_name, all_sequences in sets.items():
         # Every process encodes the whole set: a sequence too short fails on every rank alike.
-        token_lists = encode(tokenizer, all_sequences, settings.max_tokens, set_name)[rank::world]
+        encoded = (token_ids or {}).get(set_name)
+        if encoded is None:
+            encoded = encode(tokenizer, all_sequences, settings.max_tokens, set_name)
+        token_lists = encoded[rank::world]
         sequences = all_sequences[rank::world]
         scores = score_tokens(model, token_lists, runtime, settings.batch_size, pad_id)
         ns = settings.el_n if settings.el_sets is None or set_name in settings.el_sets else []
@@ -176,7 +186,8 @@ def merge_shards(parts: list[list[SequenceResult]], sets: dict[str, list[Sequenc
 
 def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSettings | None = None,
           runtime: Runtime | None = None, *, reference: AuditResult | None = None,
-          model_info: dict | None = None, shard: tuple[int, int] | None = None) -> AuditResult:
+          model_info: dict | None = None, shard: tuple[int, int] | None = None,
+          token_ids: dict[str, list[list[int]]] | None = None) -> AuditResult:
     """Measure every sequence of every set (keys: forget, holdout, retain, ...) under `model`.
 
     The band is calibrated on this model's holdout MA. `reference` is an audit of the original model; with
@@ -187,7 +198,7 @@ def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSett
     settings = settings or AuditSettings()
     runtime = runtime or make_runtime()
     pad_id = pad_id_of(tokenizer)
-    rows = measure_rows(model, tokenizer, sets, settings, runtime, pad_id, shard)
+    rows = measure_rows(model, tokenizer, sets, settings, runtime, pad_id, shard, token_ids)
     if shard is not None and shard[1] > 1:
         rows = gather_rows(rows, sets, shard[1])
     band = None

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..io.models import Runtime
+from ..io.models import Runtime, context_length
 from ..io.tokens import pad
 from .scoring import TokenScores
 
@@ -92,6 +92,7 @@ def continue_prompts(model, prompts: list[list[int]], new_tokens: list[int], run
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     last_only = last_logits_only(model)
+    context = context_length(model.config) if getattr(model, "config", None) is not None else None
     order = sorted(range(len(prompts)), key=lambda i: (-new_tokens[i], -len(prompts[i])))
     order = [i for i in order if new_tokens[i] > 0]
     # One autocast region for all decoding: autocast caches its bf16 copies of the weights only within a
@@ -112,6 +113,8 @@ def continue_prompts(model, prompts: list[list[int]], new_tokens: list[int], run
                         outputs[index].append(int(next_tokens[row]))
                 input_ids = next_tokens[:, None]
                 positions = positions[:, -1:] + 1
+                if context is not None:  # a row with all its tokens steps on with the batch: within the context
+                    positions = positions.clamp_max(context - 1)
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
     return outputs
 

@@ -70,10 +70,16 @@ def _lowest_mean(values: np.ndarray) -> float:
     return float(np.sort(values)[:k].mean())
 
 
+def forward_logits(model, input_ids: torch.Tensor, mask: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """The teacher-forced forward pass every score and loss is made of: logits (batch, width, vocab) in the
+    runtime's compute dtype, row t the distribution over x_{t+1}. Differentiable unless called under no_grad."""
+    with runtime.autocast():
+        return model(input_ids=input_ids, attention_mask=mask).logits
+
+
 def token_logprobs(model, input_ids: torch.Tensor, mask: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 2..width, shape (batch, width-1); differentiable (used by the losses)."""
-    with runtime.autocast():
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+    logits = forward_logits(model, input_ids, mask, runtime)[:, :-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
@@ -86,8 +92,7 @@ def score_tokens(model, token_lists: list[list[int]], runtime: Runtime, batch_si
     for indices in length_batches(token_lists, batch_size):
         batch = [token_lists[i] for i in indices]
         input_ids, mask = pad(batch, pad_id, device=runtime.device)
-        with runtime.autocast():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        logits = forward_logits(model, input_ids, mask, runtime)[:, :-1]
         for row, index in enumerate(indices):
             n = len(batch[row])
             results[index] = _scores_of_row(batch[row], logits[row, : n - 1].float())
@@ -152,8 +157,7 @@ def lean_scores(model, token_lists: list[list[int]], runtime: Runtime, batch_siz
     for indices in length_batches(token_lists, batch_size):
         batch = [token_lists[i] for i in indices]
         input_ids, mask = pad(batch, pad_id, device=runtime.device)
-        with runtime.autocast():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        logits = forward_logits(model, input_ids, mask, runtime)
         for row, index in enumerate(indices):
             targets = input_ids[row, 1 : len(batch[row])]
             hits, logprobs = _hits_and_logprobs(logits[row, : len(targets)], targets)

@@ -9,7 +9,7 @@ the SHA-256 of its token ids, as the little-endian int32 bytes of the ids after 
 other key. It shows that the file was not edited after it was written; it is not a signature: whoever edits
 the file can recompute it. Sign the file (or file its hash) where authenticity matters.
 
-`unmemorize.evaluate.verify.verify_certificate` re-audits a model and checks each claim by name.
+`unmemorize.runs.verify.verify_certificate` re-audits a model and checks each claim by name.
 """
 
 from __future__ import annotations

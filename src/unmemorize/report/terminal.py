@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 
-from ..measure.audit import AuditResult
+if TYPE_CHECKING:
+    from ..measure.audit import AuditResult
 
 STATUS_STYLE = {"extractable": "bold red", "in_band": "green", "over_unlearned": "yellow", None: "dim"}
 

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .._version import __version__
@@ -25,16 +24,12 @@ from ..evaluate.suite import audit_oracle, evaluate_audit, model_utility
 from ..io.files import atomic_write_text
 from ..io.models import Runtime, load_model, save_checkpoint, state_sha256
 from ..io.sets import Sequence
-from ..io.tokens import encode, pad_id_of
+from ..io.tokens import check_disjoint, encode, pad_id_of
 from ..measure.audit import AuditResult, audit
-from ..measure.scoring import lean_scores
-from ..measure.utility import utility, utility_drop
 from ..report import render_run_report
 from ..report.certificate import build_certificate, tokenizer_fingerprint, write_certificate
-from ..unlearn.context import Batch, Context
-from ..unlearn.loop import LoopOutcome, TokenSets, blocking, calibrate_band, gradient_unlearn
-from ..unlearn.methods import BAND, build_objective
-from ..unlearn.methods.task_vector import apply, line_search, task_vector
+from ..unlearn.context import TokenSets
+from ..unlearn.session import unlearn_model
 from .config import UnlearnSettings
 from .ledger import earlier_sequences, read_ledger, request_entry, write_ledger
 
@@ -116,6 +111,7 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         retain=encode(tokenizer, sets["retain"], max_tokens, "retain") if "retain" in sets else None,
         general=encode(tokenizer, general, max_tokens, "general"),
     )
+    check_disjoint({"forget": tokens.forget[:requested], "holdout": tokens.holdout, "retain": tokens.retain}, sets)
     settings_json = settings.model_dump(mode="json")
     recorded = work / "settings.json"
     if resume and json.loads(recorded.read_text()) != {"model": model_spec, **settings_json}:
@@ -147,18 +143,7 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     accelerator.wait_for_everyone()
 
     tick = time.perf_counter()
-    ctx = Context(model=model, runtime=runtime, pad_id=pad_id, forget_ids=tokens.forget)
-    preset = settings.preset
-    outcome, lam = None, None
-    if preset.objective != "task_vector":
-        objective = build_objective(preset, tokenizer)
-        ctx.model, params, grad_mask = trainable(model, objective, settings, ctx, tokens)
-        outcome = gradient_unlearn(ctx, objective, params, settings, tokens, work, utility_before, accelerator,
-                                   grad_mask)
-        model = merge(accelerator.unwrap_model(ctx.model))
-        ctx.model = model
-    if preset.objective == "task_vector" or settings.method == "sgatau":
-        lam, outcome = task_vector_unlearn(ctx, settings, tokens, outcome, utility_before)
+    model, outcome, lam = unlearn_model(model, tokenizer, settings, tokens, runtime, work, utility_before, accelerator)
     phases["unlearn"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -247,99 +232,6 @@ def destroy_process_group() -> None:
         # failure: the other processes may be inside another collective.
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-
-
-def trainable(model, objective, settings: UnlearnSettings, ctx: Context, tokens: TokenSets):
-    """(model, the parameters to train, gradient masks): LoRA adapters, a method's own subset, or all,
-    optionally restricted to the fraction of weights with the largest forget gradient (localization)."""
-    if settings.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=settings.lora, lora_alpha=2 * settings.lora, lora_dropout=0.0,
-                                                 target_modules="all-linear"))
-        ctx.model = model
-    chosen = objective.trainable(model) if hasattr(objective, "trainable") and not settings.lora else None
-    if chosen is not None:
-        keep = {id(p) for p in chosen}
-        for param in model.parameters():
-            param.requires_grad_(id(param) in keep)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_mask = forget_gradient_mask(ctx, objective, params, tokens, settings) if settings.mask_fraction else None
-    return model, params, grad_mask
-
-
-def forget_gradient_mask(ctx: Context, objective, params, tokens: TokenSets, settings: UnlearnSettings):
-    """1 for the `mask_fraction` of weights with the largest |d forget loss / d w|, 0 elsewhere."""
-    objective.prepare(ctx)
-    batch = Batch.of(tokens.forget, list(range(len(tokens.forget))), ctx.pad_id, ctx.runtime.device)
-    ctx.model.zero_grad(set_to_none=True)
-    objective.loss(ctx, batch, None).backward()
-    magnitudes = torch.cat([p.grad.abs().flatten() for p in params if p.grad is not None])
-    keep = max(1, int(settings.mask_fraction * magnitudes.numel()))
-    threshold = torch.topk(magnitudes, keep, sorted=False).values.min()
-    masks = {p: (p.grad.abs() >= threshold).to(p.dtype) for p in params if p.grad is not None}
-    ctx.model.zero_grad(set_to_none=True)
-    return masks
-
-
-def merge(model):
-    """Fold LoRA adapters into the weights so the saved checkpoint is a plain model."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
-def task_vector_unlearn(ctx: Context, settings: UnlearnSettings, tokens: TokenSets, previous: LoopOutcome | None,
-                        utility_before: dict) -> tuple[float | None, LoopOutcome]:
-    """ta / tau (and the tau half of sgatau): subtract lambda x task vector.
-
-    Lambda is the smallest that meets the stop rule, capped by the utility guard: when that lambda (or
-    --max-lambda, if none meets the rule) costs more than --max-utility-drop, the largest lambda within it.
-    """
-    audit_settings = settings.audit
-    band, _ = calibrate_band(ctx, tokens, settings)
-    scores = score(ctx, tokens.forget, settings)
-    chosen = blocking(scores, band, audit_settings.prefix_tokens) if settings.preset.selection == BAND else \
-        list(range(len(tokens.forget)))
-    steps = previous.steps if previous else 0
-    trained = previous.tokens_trained if previous else 0
-    if not chosen:
-        return None, LoopOutcome(steps, "target reached before the task vector: nothing to subtract", band, trained)
-    params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
-    original = {n: p.detach().clone() for n, p in params.items()}
-    vector = task_vector(ctx, params, [tokens.forget[i] for i in chosen], epochs=settings.tv_epochs,
-                         lr=settings.learning_rate, batch_size=audit_settings.batch_size, seed=settings.seed)
-    trained += sum(len(tokens.forget[i]) for i in chosen) * settings.tv_epochs
-
-    def reached(lam: float) -> bool:
-        nonlocal band
-        apply(params, original, vector, lam)
-        band, mean = calibrate_band(ctx, tokens, settings)
-        ma_scores = score(ctx, tokens.forget, settings)
-        if settings.stop == "mean":
-            return float(np.mean([s.ma for s in ma_scores])) < mean
-        return not blocking(ma_scores, band, audit_settings.prefix_tokens)
-
-    def too_costly(lam: float) -> bool:
-        apply(params, original, vector, lam)
-        now = utility(ctx.model, tokens.retain, tokens.general, ctx.runtime, audit_settings.batch_size, ctx.pad_id)
-        return utility_drop(utility_before, now) > settings.max_utility_drop
-
-    _, lam = line_search(reached, settings.max_lambda)
-    wanted = settings.max_lambda if lam is None else lam
-    reason = (f"lambda {wanted:.3f}: smallest that meets the stop rule" if lam is not None else
-              f"even lambda {wanted} (--max-lambda) does not meet the stop rule")
-    final = wanted
-    if too_costly(wanted):
-        final, _ = line_search(too_costly, wanted)  # the largest lambda still within the guard
-        reason += (f"; utility guard: it costs more than {settings.max_utility_drop:.0%} utility, "
-                   f"kept lambda {final:.3f}, the largest within it")
-    reached(final)  # leaves the model (and the band) at the chosen lambda
-    if previous:
-        reason = f"{previous.stop_reason}; then tau: {reason}"
-    return final, LoopOutcome(steps, reason, band, trained)
-
-
-def score(ctx: Context, token_lists, settings: UnlearnSettings):
-    return lean_scores(ctx.model, token_lists, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
 
 
 __all__ = ["RunResult", "unlearn"]

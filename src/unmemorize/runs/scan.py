@@ -52,9 +52,10 @@ from .._version import __version__
 from ..errors import InputError
 from ..io.corpus import Corpus, Malformed
 from ..io.files import atomic_write_text
-from ..io.models import Runtime
+from ..io.models import Runtime, context_length
 from ..io.tokens import ids_sha256, pad_id_of
 from ..measure.scoring import LeanScores, lean_scores
+from ..progress import progress
 
 MA_EDGES = [round(0.05 * i, 2) for i in range(21)]  # 20 bins; the last one holds MA = 1
 STATE_GLOB = ".scan-state.*.json"
@@ -454,8 +455,9 @@ def open_state(checkpoint: Path, fingerprint: dict, k: int, rank: int, resume: b
 
 def check_context(model, tokens: int) -> None:
     """A window longer than the model's context would fail in the first forward pass: fail before it."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and tokens > context:
+    config = getattr(model, "config", None)
+    context = context_length(config) if config is not None else None
+    if context is not None and tokens > context:
         raise InputError(f"--window: windows of {tokens} tokens (special tokens included) exceed the model's "
                          f"context of {context}")
 
@@ -561,19 +563,12 @@ def gathered(state: ScanState, rank: int, world: int) -> ScanState | None:
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool) -> Iterator[Callable[..., None]]:
-    """A rich progress line on stderr (documents, windows, tokens/s); yields its update function."""
-    if not enabled:
-        yield lambda **_: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    """Scan progress on stderr (documents, windows, tokens/s); yields its update function."""
+    with progress("scanning", None, enabled=enabled) as update:
+        def show(documents: int = 0, windows: int = 0, rate: float = 0.0) -> None:
+            update(completed=documents, status=f"{windows:,} windows · {rate:,.0f} tokens/s")
 
-    columns = (SpinnerColumn(), TextColumn("scanning"), BarColumn(),
-               TextColumn("{task.fields[documents]:,} documents · {task.fields[windows]:,} windows · "
-                          "{task.fields[rate]:,.0f} tokens/s"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("scan", total=None, documents=0, windows=0, rate=0.0)
-        yield lambda **fields: progress.update(task, **fields)
+        yield show
 
 
 def top_table(result: ScanResult, show_text: bool, limit: int = 10):

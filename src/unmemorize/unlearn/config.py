@@ -4,23 +4,26 @@ A run's settings (`unmemorize.runs.config.UnlearnSettings`) add what is evaluate
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..errors import InputError
 from ..measure.audit import AuditSettings
-from .methods import PRESETS
+from .methods import METHODS, MethodSpec
 
 
 class LoopSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field("sga", description="A name from `unmemorize methods`.")
+    method_args: dict[str, Any] = Field({}, description="The method's options (`unmemorize methods`): "
+                                        "--method-arg KEY=VALUE.")
     lr: float | None = Field(None, gt=0, description="Learning rate (default: the method's).")
     max_steps: int = Field(200, ge=0, description="A cap on gradient steps under every stop rule.")
     stop: Literal["band", "mean", "steps"] = Field("band", description="band: target reached; mean: forget mean "
-                                                   "MA under holdout mean; steps: run --max-steps.")
+                                                   "MA under holdout mean; steps: run --max-steps (task vector: "
+                                                   "lambda = --max-lambda). See unlearn.target.")
     retain_loss: Literal["none", "nll", "kl"] | None = Field(None, description="Retain regularizer "
                                                              "(default: the method's).")
     retain_weight: float = Field(1.0, ge=0, description="Weight of the retain regularizer.")
@@ -34,25 +37,34 @@ class LoopSettings(BaseModel):
     guard_every: int = Field(10, ge=1, description="Check utility every this many steps.")
     checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every this many steps.")
     tv_epochs: int = Field(4, ge=1, description="ta/tau: epochs of fine-tuning on F that make the task vector.")
-    max_lambda: float = Field(4.0, gt=0, description="ta/tau: the largest lambda the line search tries.")
+    max_lambda: float = Field(4.0, gt=0, description="ta/tau: the largest lambda the line search tries (--stop "
+                              "steps: the lambda).")
     seed: int = 0
     audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @field_validator("method")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in PRESETS:
-            raise InputError(f"--method {name!r}: unknown; choose one of {', '.join(PRESETS)}")
+        if name not in METHODS:
+            raise InputError(f"--method {name!r}: unknown; choose one of {', '.join(METHODS)}")
         return name
 
+    @field_validator("method_args")
+    @classmethod
+    def _options(cls, args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked against the method's options; InputError naming the method and the key otherwise."""
+        if "method" not in info.data:  # the method itself was invalid: that error is reported
+            return args
+        return METHODS[info.data["method"]].validate(args)
+
     @property
-    def preset(self):
-        return PRESETS[self.method]
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else self.preset.lr
+        return self.lr if self.lr is not None else self.spec.lr
 
     @property
     def retain_kind(self) -> str:
-        return self.retain_loss if self.retain_loss is not None else self.preset.retain_loss
+        return self.retain_loss if self.retain_loss is not None else self.spec.retain_loss

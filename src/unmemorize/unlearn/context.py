@@ -1,4 +1,5 @@
-"""What a method sees at each step: the model, the frozen original, batching and sequence log-probs."""
+"""What a method sees: the token sets, the model, the frozen original, batching and sequence log-probs;
+and what the unlearning leaves (the outcome)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,30 @@ import torch
 
 from ..io.models import Runtime
 from ..io.tokens import pad
+from ..measure.band import Band
 from ..measure.scoring import token_logprobs
+
+
+@dataclass
+class TokenSets:
+    forget: list[list[int]]
+    forget_names: list[str]
+    holdout: list[list[int]]
+    retain: list[list[int]] | None
+    general: list[list[int]]
+
+
+@dataclass
+class LoopOutcome:
+    steps: int
+    stop_reason: str
+    band: Band
+    tokens_trained: int
+    restored_step: int | None = None
+
+
+# What a forget loss averages over: the tokens x_2..x_T it predicts, every token, or whole sequences.
+PREDICTED_TOKENS, TOKENS, SEQUENCES = "predicted tokens", "tokens", "sequences"
 
 
 @dataclass
@@ -29,6 +53,16 @@ class Batch:
     def target_mask(self) -> torch.Tensor:
         """Which of the predicted tokens x_2..x_T are real (not padding)."""
         return self.mask[:, 1:].float()
+
+    def units(self, kind: str) -> float:
+        """How many of `kind` the batch holds: what a forget loss averages over (a method's `averages_over`)."""
+        if kind == PREDICTED_TOKENS:
+            return float(self.target_mask.sum())
+        if kind == TOKENS:
+            return float(self.mask.sum())
+        if kind == SEQUENCES:
+            return float(len(self.indices))
+        raise ValueError(f"unknown loss units {kind!r}")
 
 
 @dataclass

@@ -2,72 +2,48 @@
 
 Reads top to bottom. Each step:
   1. score every forget sequence (one batched forward, no gradient): MA and verbatim;
-  2. every `recalibrate_every` steps, and always before declaring the target reached, re-measure the
-     band on the holdout under the *current* model (unlearning moves unseen data too);
-  3. apply the stop rule (band: no forget sequence extractable or verbatim; mean: forget mean MA under the
-     holdout mean; steps: run max_steps);
-  4. select the sequences that get gradient (every one, or only those still above the band or verbatim);
-  5. loss = forget objective + retain_weight * retain regularizer; backward; Adam step;
-  6. log the step to trajectory.jsonl; every `guard_every` steps check utility and keep the best state;
+  2. check the target (`target.Target`): every `recalibrate_every` steps, and always before declaring the
+     target reached, the band is re-measured on the holdout under the *current* model (unlearning moves
+     unseen data too); stop when the stop rule is met or at max_steps (the rules: `target`'s docstring);
+  3. select the sequences that get gradient (the method's selection: every one, or only those still above
+     the band or verbatim);
+  4. loss = forget loss + retain_weight * retain regularizer; backward; Adam step;
+  5. log the step to trajectory.jsonl; every `guard_every` steps check utility and keep the best state;
      every `checkpoint_every` steps write a resumable checkpoint.
 All randomness of a step derives from (seed, step), so a resumed run replays an uninterrupted one exactly.
+The method is an object with `prepare(ctx)`, `loss(ctx, forget, retain)` and `averages_over` (what its loss
+is a mean over); the loop knows nothing else of it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..measure.band import EXTRACTABLE, Band, calibrate
-from ..measure.scoring import lean_scores
+from ..measure.band import Band
 from ..measure.utility import utility, utility_drop
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import LoopSettings
-from .context import Batch, Context
-from .methods import BAND
-from .methods.ascent import Ascent
-from .methods.rmu import RMU
+from .context import Batch, Context, LoopOutcome, TokenSets
 from .retain import retain_loss
+from .target import NOTHING_LEFT, Target, selected
 
+if TYPE_CHECKING:
+    from .config import LoopSettings
 
-@dataclass
-class TokenSets:
-    forget: list[list[int]]
-    forget_names: list[str]
-    holdout: list[list[int]]
-    retain: list[list[int]] | None
-    general: list[list[int]]
-
-
-@dataclass
-class LoopOutcome:
-    steps: int
-    stop_reason: str
-    band: Band
-    tokens_trained: int
-    restored_step: int | None = None
-
-
-def calibrate_band(ctx: Context, sets: TokenSets, settings: LoopSettings) -> tuple[Band, float]:
-    scores = lean_scores(ctx.model, sets.holdout, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
-    ma = [s.ma for s in scores]
-    return calibrate(settings.audit.band, ma), float(np.mean(ma))
-
-
-def blocking(scores, band: Band, prefix_tokens: int) -> list[int]:
-    """Forget sequences that keep the target from being reached: above the band, or verbatim."""
-    return [i for i, s in enumerate(scores) if band.status(s.ma) == EXTRACTABLE or s.verbatim(prefix_tokens)]
+__all__ = ["LoopOutcome", "TokenSets", "gradient_unlearn"]
 
 
 def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], settings: LoopSettings,
                      sets: TokenSets, work: Path, utility_before: dict, accelerator,
-                     grad_mask: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> LoopOutcome:
+                     grad_mask: dict[torch.nn.Parameter, torch.Tensor] | None = None, *,
+                     selection: str) -> LoopOutcome:
+    """Train `params` on `objective` until the stop rule; `selection` (target.ALL or target.BAND) says which
+    forget sequences get gradient."""
     columns = (TextColumn("unlearning"), BarColumn(), MofNCompleteColumn(), TextColumn("steps · {task.fields[status]}"),
                TimeElapsedColumn())
     with Progress(*columns, transient=True, disable=not accelerator.is_main_process) as progress:
@@ -76,11 +52,12 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
         def show(step: int, above: int) -> None:
             progress.update(task, completed=step, status=f"{above} of {len(sets.forget)} above the band or verbatim")
 
-        return _steps(ctx, objective, params, settings, sets, work, utility_before, accelerator, grad_mask, show)
+        return _steps(ctx, objective, params, settings, sets, work, utility_before, accelerator, grad_mask, show,
+                      selection)
 
 
 def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: LoopSettings, sets: TokenSets,
-           work: Path, utility_before: dict, accelerator, grad_mask, show) -> LoopOutcome:
+           work: Path, utility_before: dict, accelerator, grad_mask, show, selection: str) -> LoopOutcome:
     model, audit = ctx.model, settings.audit
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(0.9, 0.98))  # Jang et al.
     objective.prepare(ctx)  # on the plain model: a frozen copy of a DDP wrapper cannot be made
@@ -91,8 +68,8 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
 
     state = load_checkpoint(work, model, optimizer)
     step = state.get("step", 0)
-    band = Band(**state["band"]) if "band" in state else None
-    holdout_mean = state.get("holdout_mean")
+    target = Target(ctx, sets, settings, Band(**state["band"]) if "band" in state else None,
+                    state.get("holdout_mean"))
     best = state.get("best") or {"step": 0, "extractable": None, "weights": snapshot(params)}
     tokens_trained = state.get("tokens_trained", 0)
     trajectory = work / "trajectory.jsonl"
@@ -101,29 +78,22 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
 
     def finish(reason: str, restored: int | None = None) -> LoopOutcome:
         if accelerator.is_main_process and restored is None:
-            log_step(trajectory, step, None, ma, sets.forget_names, band, above, holdout_mean=holdout_mean)
-        return LoopOutcome(step, reason, band, tokens_trained, restored)
+            log_step(trajectory, step, None, ma, sets.forget_names, target.band, above,
+                     holdout_mean=target.holdout_mean)
+        return LoopOutcome(step, reason, target.band, tokens_trained, restored)
 
     while True:
-        scores = lean_scores(model, sets.forget, ctx.runtime, audit.batch_size, ctx.pad_id)
-        fresh = band is None or step % settings.recalibrate_every == 0
-        if fresh:
-            band, holdout_mean = calibrate_band(ctx, sets, settings)
-        above = blocking(scores, band, audit.prefix_tokens)
+        scores = target.score()
+        check = target.check(scores, recalibrate=step % settings.recalibrate_every == 0)
+        above = check.above
         ma = [s.ma for s in scores]
         show(step, len(above))
-        if settings.stop == "band" and not above and not fresh:
-            band, holdout_mean = calibrate_band(ctx, sets, settings)  # declare the target only on a fresh band
-            above = blocking(scores, band, audit.prefix_tokens)
-        if settings.stop == "band" and not above:
-            return finish("target reached: no forget sequence above the band or verbatim")
-        if settings.stop == "mean" and float(np.mean(ma)) < holdout_mean:
-            return finish("forget mean MA fell under the holdout mean (aggregate rule)")
-        if step >= settings.max_steps:
-            return finish(f"max steps ({settings.max_steps}) reached")
-        active = above if settings.preset.selection == BAND else list(range(len(sets.forget)))
+        reason = check.reason or target.out_of_steps(step)
+        if reason:
+            return finish(reason)
+        active = selected(selection, above, len(sets.forget))
         if not active:
-            return finish("no forget sequence above the band: nothing left to unlearn")
+            return finish(NOTHING_LEFT)
 
         # --- one gradient step -------------------------------------------------------------------------
         # Data parallel: each rank takes a shard of the active sequences (the same retain batch on every rank);
@@ -154,8 +124,8 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         optimizer.step()
         tokens_trained += forget_tokens + (int(retain_batch.mask.sum()) if retain_batch else 0)
         if accelerator.is_main_process:
-            log_step(trajectory, step, loss_value, ma, sets.forget_names, band, active, forget_loss=forget_value,
-                     holdout_mean=holdout_mean,
+            log_step(trajectory, step, loss_value, ma, sets.forget_names, target.band, active,
+                     forget_loss=forget_value, holdout_mean=target.holdout_mean,
                      retain_loss=None if retain_value is None else float(retain_value.detach()))
         step += 1
 
@@ -170,18 +140,14 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
             if best["extractable"] is None or extractable <= best["extractable"]:
                 best = {"step": step, "extractable": extractable, "weights": snapshot(params)}
         if step % settings.checkpoint_every == 0 and accelerator.is_main_process:
-            save_checkpoint(work, model, optimizer, {"step": step, "band": band.__dict__, "holdout_mean": holdout_mean,
-                                                     "best": best, "tokens_trained": tokens_trained})
+            save_checkpoint(work, model, optimizer, {"step": step, "band": target.band.__dict__,
+                                                     "holdout_mean": target.holdout_mean, "best": best,
+                                                     "tokens_trained": tokens_trained})
 
 
 def loss_units(objective, batch: Batch) -> float:
-    """What the forget loss averages over in `batch`: predicted tokens for ascent, tokens for RMU, sequences
-    for the others (NPO is a mean over sequences; IdK's refusal has the same length for every sequence)."""
-    if isinstance(objective, Ascent):
-        return float(batch.target_mask.sum())
-    if isinstance(objective, RMU):
-        return float(batch.mask.sum())
-    return float(len(batch.indices))
+    """What the forget loss averages over in `batch`, as the method declares it (`averages_over`)."""
+    return batch.units(objective.averages_over)
 
 
 def shard_totals(accelerator, objective, batch: Batch, loss: torch.Tensor, has_shard: bool) -> tuple[float, float, int]:

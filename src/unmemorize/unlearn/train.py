@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import InputError
 from ..io.models import Runtime
 from ..io.tokens import pad
+from ..measure.scoring import forward_logits
+from ..progress import progress
 
 IGNORE = -100  # the label value cross_entropy skips
 
@@ -42,11 +43,8 @@ def finetune(model, token_lists: list[list[int]], *, epochs: int, lr: float, bat
     steps_per_epoch = math.ceil(len(token_lists) / batch_size)
     losses: list[float] = []
     model.train()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
     try:
-        with Progress(*columns, transient=True) as progress:
-            task = progress.add_task(description, total=epochs * steps_per_epoch, loss="-")
+        with progress(description, epochs * steps_per_epoch, status="loss -") as update:
             for epoch in range(epochs):
                 generator = torch.Generator().manual_seed(seed + epoch)
                 order = torch.randperm(len(token_lists), generator=generator).tolist()
@@ -54,8 +52,7 @@ def finetune(model, token_lists: list[list[int]], *, epochs: int, lr: float, bat
                     batch = [token_lists[i] for i in order[start : start + batch_size]]
                     input_ids, mask = pad(batch, pad_id, device=runtime.device)
                     labels = input_ids.masked_fill(mask == 0, IGNORE)
-                    with runtime.autocast():
-                        logits = model(input_ids=input_ids, attention_mask=mask).logits
+                    logits = forward_logits(model, input_ids, mask, runtime)
                     # position t predicts token t+1
                     loss = torch.nn.functional.cross_entropy(
                         logits[:, :-1].float().reshape(-1, logits.size(-1)),
@@ -66,7 +63,7 @@ def finetune(model, token_lists: list[list[int]], *, epochs: int, lr: float, bat
                     loss.backward()
                     optimizer.step()
                     losses.append(float(loss.detach()))
-                    progress.update(task, advance=1, loss=f"{losses[-1]:.3f}")
+                    update(advance=1, status=f"loss {losses[-1]:.3f}")
     finally:
         model.eval()
     return losses

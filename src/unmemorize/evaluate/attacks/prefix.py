@@ -28,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ...errors import InputError
+from ...io.tokens import token_limit
 from ...measure.band import EXTRACTABLE, IN_BAND, OVER_UNLEARNED, calibrate
 from ...measure.scoring import score_tokens
 from .common import AttackContext, counts, sequence_row
@@ -47,7 +48,8 @@ class Split:
     def __init__(self, tokenizer, text: str, max_tokens: int) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise InputError("the prefix attack needs a fast tokenizer (it splits text at token offsets)")
-        encoding = tokenizer(text, truncation=True, max_length=max_tokens, return_offsets_mapping=True)
+        encoding = tokenizer(text, truncation=True, max_length=token_limit(tokenizer, max_tokens),
+                             return_offsets_mapping=True)
         self.text, self.ids = text, list(encoding["input_ids"])
         self.ends = [end for _, end in encoding["offset_mapping"]]  # special tokens: (0, 0)
 
@@ -88,6 +90,9 @@ def _measure(ctx: AttackContext, name: str, splits: list[Split], contexts: list[
     inputs, starts = [], []
     for split, context in zip(splits, contexts, strict=True):
         prompt, cut = _variation(name, split, ctx.tokenizer, ctx.audit_settings.prefix_tokens, context)
+        # Within the model's context: a priming record (or a transform that adds tokens) gives up its first tokens.
+        width = len(prompt) + len(split.ids) - cut
+        prompt = prompt[width - token_limit(ctx.tokenizer, width) :]
         inputs.append(prompt + split.ids[cut:])
         starts.append(len(prompt))
     scores = score_tokens(ctx.wrap(ctx.model), inputs, ctx.runtime, ctx.audit_settings.batch_size, ctx.pad_id)

@@ -1,31 +1,31 @@
 """RMU (Li et al. 2024, WMDP): scramble a middle layer's activations on forget text, keep them on retain.
 
-    loss = mean ||h_l(x_forget) - c * u||^2 + alpha * mean ||h_l(x_retain) - h_l^orig(x_retain)||^2
+    loss = (1 / (N_F * d)) * sum_{b,t} m_F[b,t] * ||h_l(x_F)[b,t] - c * u||^2
+         + alpha * (1 / (N_R * d)) * sum_{b,t} m_R[b,t] * ||h_l(x_R)[b,t] - h_l^orig(x_R)[b,t]||^2
 
-u is a fixed random unit vector, c a steering coefficient, h_l the hidden state after layer l. Only the
-MLP weights of a few layers up to l are trained, so the rest of the network is untouched.
+u is a fixed random unit vector, c the steering coefficient, h_l the hidden state (width d) after layer l,
+m the attention masks (N_F, N_R: the real tokens of the forget and the retain batch), h^orig the original
+model's. So: the mean squared error per hidden unit over every real token (including the first, which no
+other loss counts), on F toward c * u and on R toward the original. Only the MLP weights of a few layers up
+to l are trained, so the rest of the network is untouched.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from pydantic import Field
 
-from ..context import Batch, Context
+from ..context import TOKENS, Batch, Context
+from .base import GradientMethod, MethodConfig, MethodSpec
 
 
-@dataclass
-class RMUConfig:
-    layer: int = -1
-    """Layer whose output is steered; -1 picks the middle layer."""
-    steering_coeff: float = 20.0
-    """c: the norm of the random target activation."""
-    alpha: float = 10.0
-    """Weight of keeping retain activations as they were."""
-    trainable_layers: int = 3
-    """How many layers (ending at `layer`) have their MLP weights trained."""
-    seed: int = 0
+class RMUConfig(MethodConfig):
+    layer: int = Field(-1, ge=-1, description="Layer l whose output is steered; -1 picks the middle layer.")
+    steering_coeff: float = Field(20.0, gt=0, description="c: the norm of the random target activation.")
+    alpha: float = Field(10.0, ge=0, description="Weight of keeping retain activations as they were.")
+    trainable_layers: int = Field(3, ge=1, description="How many layers (ending at `layer`) have their MLP "
+                                  "weights trained.")
+    seed: int = Field(0, description="Seed of the random direction u.")
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -36,9 +36,12 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return inner.layers
 
 
-class RMU:
-    def __init__(self, config: RMUConfig | None = None) -> None:
-        self.config = config or RMUConfig()
+class RMU(GradientMethod):
+    Config = RMUConfig
+    averages_over = TOKENS
+
+    def __init__(self, config: RMUConfig | None = None, tokenizer=None) -> None:
+        super().__init__(config, tokenizer)
         self.target: torch.Tensor | None = None
 
     def layer_index(self, model) -> int:
@@ -74,3 +77,9 @@ class RMU:
             drift = ((self.hidden(ctx.model, retain, ctx) - original_h) ** 2) * mask
             loss = loss + self.config.alpha * drift.sum() / (mask.sum() * original_h.size(-1))
         return loss
+
+
+SPECS = [
+    MethodSpec("rmu", "steer a middle layer's activations on F to a random direction, keep them on R (WMDP)", (RMU,),
+               lr=5e-5),
+]
