@@ -24,7 +24,7 @@ from unmemorize.runs import embedded
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.demo import RETAIN_GENERAL_CHUNKS
 from unmemorize.runs.run import unlearn
-from unmemorize.unlearn.methods import METHODS
+from unmemorize.unlearning.methods import METHODS
 
 # Per-method options beyond the defaults (the defaults are each method's own learning rate).
 OVERRIDES: dict[str, dict] = {}

@@ -1,9 +1,9 @@
 """The package's layers follow the data flow and arrows point one way (docs/architecture.md):
 
-    io -> measure -> unlearn -> evaluate -> runs -> cli,   and report, which renders results and runs nothing.
+    io -> measure -> unlearning -> evaluate -> runs -> cli,   and report, which renders results and runs nothing.
 
 A module may import its own layer and the layers before it; report/ may import only pure helpers (no torch,
-nothing from unlearn/ or evaluate/). Imports under `if TYPE_CHECKING:` are annotations, not arrows.
+nothing from unlearning/ or evaluate/). Imports under `if TYPE_CHECKING:` are annotations, not arrows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "unmemorize"
-ORDER = ["_version", "errors", "progress", "io", "measure", "unlearn", "evaluate", "report", "runs", "cli", "__main__"]
+ORDER = ["_version", "errors", "progress", "io", "measure", "unlearning", "evaluate", "report", "runs", "cli",
+         "__main__"]
 # What report/ may use: writing files, hashing ids, band status names. Nothing that imports torch.
 REPORT_MAY_IMPORT = {"_version", "errors", "io.files", "io.hashing", "measure.band"}
 BASE = {"_version", "errors", "progress"}
@@ -85,13 +86,13 @@ def test_report_and_io_basics_load_without_torch():
     code = ("import sys, unmemorize.report.html, unmemorize.report.certificate, unmemorize.report.terminal, "
             "unmemorize.io.sets, unmemorize.io.files, unmemorize.io.hashing; "
             "assert 'torch' not in sys.modules, 'torch was imported'; "
-            "assert not [m for m in sys.modules if m.startswith(('unmemorize.unlearn', 'unmemorize.evaluate'))]")
+            "assert not [m for m in sys.modules if m.startswith(('unmemorize.unlearning', 'unmemorize.evaluate'))]")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(("here", "source"), [
-    (("measure", "probe"), "def f():\n    from ..unlearn.loop import gradient_unlearn\n"),
-    (("unlearn", "probe"), "from ..evaluate.utility import utility\n"),
+    (("measure", "probe"), "def f():\n    from ..unlearning.loop import gradient_unlearn\n"),
+    (("unlearning", "probe"), "from ..evaluate.utility import utility\n"),
     (("report", "probe"), "from ..measure.audit import AuditResult\n"),
     (("evaluate", "probe"), "from unmemorize.report import certificate\n"),
     (("report", "probe"), "from .. import io\nfrom ..io import tokens\n"),
@@ -106,4 +107,4 @@ def test_the_checker_lets_annotations_and_downward_imports_pass():
     check(("report", "probe"), "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                "    from ..measure.audit import AuditResult\n"
                                "from ..io.files import atomic_write_text\nfrom . import plots\n")
-    check(("runs", "probe"), "from ..unlearn.loop import gradient_unlearn\nfrom ..report.html import render\n")
+    check(("runs", "probe"), "from ..unlearning.loop import gradient_unlearn\nfrom ..report.html import render\n")

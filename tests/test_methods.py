@@ -18,8 +18,8 @@ from unmemorize.io.sets import Sequence
 from unmemorize.io.tokens import encode, pad_id_of
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
-from unmemorize.unlearn.context import Batch, Context
-from unmemorize.unlearn.methods import METHODS
+from unmemorize.unlearning.context import Batch, Context
+from unmemorize.unlearning.methods import METHODS
 
 RUNTIME = make_runtime("cpu", "float32")
 

@@ -19,9 +19,9 @@ from unmemorize.io.sets import Sequence, write_jsonl
 from unmemorize.measure.utility import utility_drop
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
-from unmemorize.unlearn.methods import METHODS
-from unmemorize.unlearn.methods.ascent import Ascent
-from unmemorize.unlearn.methods.task_vector import TaskVector, line_search
+from unmemorize.unlearning.methods import METHODS
+from unmemorize.unlearning.methods.ascent import Ascent
+from unmemorize.unlearning.methods.task_vector import TaskVector, line_search
 
 FAST_AUDIT = {"el_n": [], "prefix_tokens": 8, "batch_size": 8}
 RUNTIME = make_runtime("cpu", "float32")

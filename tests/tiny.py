@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from unmemorize.io.models import make_runtime, save_checkpoint
 from unmemorize.io.sets import Sequence
 from unmemorize.io.tokens import encode
-from unmemorize.unlearn.train import finetune
+from unmemorize.unlearning.train import finetune
 
 KEYS = [f"k{i}" for i in range(12)]
 VALUES = [f"v{i}" for i in range(48)]

@@ -8,8 +8,6 @@ and a layer low in the data flow (report/, io/) can be imported without the laye
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from ._version import __version__
@@ -44,22 +42,6 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_API])
-
-
-class _Package(types.ModuleType):
-    """`unmemorize.unlearn` is the function of the public API, and also the name of the subpackage `unlearn/`:
-    importing the subpackage would rebind the package's attribute to it. The attribute stays the function."""
-
-    @property
-    def unlearn(self):
-        return importlib.import_module(".runs.run", __name__).unlearn
-
-    @unlearn.setter
-    def unlearn(self, value) -> None:  # the import system setting the subpackage: it stays in sys.modules
-        pass
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __all__ = ["AttackSettings", "AuditResult", "AuditSettings", "Band", "InputError", "RunResult", "Runtime",

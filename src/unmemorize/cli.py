@@ -29,6 +29,7 @@ Seed = Annotated[int, typer.Option("--seed")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Truncate sequences to this many tokens.")]
 PrefixTokens = Annotated[int, typer.Option("--prefix-tokens", help="Prefix length for `verbatim`.")]
 ElN = Annotated[str, typer.Option("--el-n", help="n of EL_n, comma-separated; 0 turns EL off.")]
+ElSets = Annotated[str, typer.Option("--el-sets", help="Sets that get EL, comma-separated, or 'all'.")]
 BandRule = Annotated[str, typer.Option("--band", help="quantile:LO,HI | meanstd:K | mean")]
 ShowText = Annotated[bool, typer.Option("--show-text", help="Show sequence text (off: ids and hashes only).")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle weights (trusted sources only).")]
@@ -51,14 +52,22 @@ def parse_el_n(text: str) -> list[int]:
     return [] if values == [0] else [v for v in values if v]
 
 
-def audit_settings(max_tokens: int, prefix_tokens: int, el_n: str, band: str, batch_size: int, seed: int):
+def parse_el_sets(text: str | list | None) -> list[str] | None:
+    if text is None or isinstance(text, list):
+        return text
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    return None if names == ["all"] else names
+
+
+def audit_settings(max_tokens: int, prefix_tokens: int, el_n: str, band: str, batch_size: int, seed: int,
+                   el_sets: str = "forget,earlier"):
     from pydantic import ValidationError
 
     from .measure.audit import AuditSettings
 
     try:
         return AuditSettings(max_tokens=max_tokens, prefix_tokens=prefix_tokens, el_n=parse_el_n(el_n), band=band,
-                             batch_size=batch_size, seed=seed)
+                             batch_size=batch_size, seed=seed, el_sets=parse_el_sets(el_sets))
     except ValidationError as error:
         first = error.errors()[0]
         raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
@@ -80,6 +89,7 @@ def check_out(out: Path | None) -> None:
 def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain = None, out: Out = None,
           device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 8, seed: Seed = 0,
           max_tokens: MaxTokens = 256, prefix_tokens: PrefixTokens = 32, el_n: ElN = "10",
+          el_sets: ElSets = "forget,earlier",
           band: BandRule = "quantile:0.05,0.95", show_text: ShowText = False, allow_pickle: AllowPickle = False,
           trust_remote_code: TrustRemoteCode = False, oracle: Oracle = None, decoding: Decoding = None) -> None:
     """Per-sequence measures, the band, statuses and privacy AUCs; writes audit.json and audit.csv. Data parallel
@@ -92,7 +102,7 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
     from .measure.audit import audit as run_audit
     from .report.terminal import print_audit, print_oracle
 
-    settings = audit_settings(max_tokens, prefix_tokens, el_n, band, batch_size, seed)
+    settings = audit_settings(max_tokens, prefix_tokens, el_n, band, batch_size, seed, el_sets)
     check_out(out)
     decoding_spec = parse_decoding_option(decoding)
     sets = load_sets(forget=forget, holdout=holdout, retain=retain)
@@ -230,8 +240,8 @@ CompareMethodArg = Annotated[list[str] | None, Opt("--method-arg", metavar="KEY=
 MaybeInt = Annotated[int | None, Opt()]
 MaybeStr = Annotated[str | None, Opt()]
 SETTING_KEYS = ("method", "lr", "max_steps", "stop", "retain_loss", "retain_weight", "lora", "mask_fraction",
-                "max_utility_drop", "seed", "batch_size", "max_tokens", "prefix_tokens", "el_n", "band", "oracle",
-                "attacks", "tasks")
+                "max_utility_drop", "seed", "batch_size", "max_tokens", "prefix_tokens", "el_n", "el_sets", "band",
+                "oracle", "attacks", "tasks")
 
 
 @app.command()
@@ -249,7 +259,8 @@ def unlearn(
     retain_loss: RetainLoss = None, retain_weight: RetainWeight = None, lora: Lora = None,
     mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
-    prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, band: MaybeStr = None, oracle: Oracle = None,
+    prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, el_sets: MaybeStr = None, band: MaybeStr = None,
+    oracle: Oracle = None,
     attacks: Attacks = None, tasks: Tasks = None,
     show_text: ShowText = False, allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False,
 ) -> int:
@@ -282,7 +293,8 @@ def compare(
     retain_loss: RetainLoss = None, retain_weight: RetainWeight = None, lora: Lora = None,
     mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
-    prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, band: MaybeStr = None, oracle: Oracle = None,
+    prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, el_sets: MaybeStr = None, band: MaybeStr = None,
+    oracle: Oracle = None,
     attacks: Attacks = None, tasks: Tasks = None,
     show_text: ShowText = False, allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False,
 ) -> int:
@@ -335,7 +347,7 @@ def sources_of(**paths: str | None) -> dict[str, str]:
             for name, path in paths.items() if path is not None}
 
 
-AUDIT_KEYS = ("max_tokens", "prefix_tokens", "el_n", "band", "batch_size", "seed")
+AUDIT_KEYS = ("max_tokens", "prefix_tokens", "el_n", "el_sets", "band", "batch_size", "seed")
 EVALUATION_KEYS = ("oracle", "attacks", "tasks", "task_limit")
 
 
@@ -367,6 +379,8 @@ def unlearn_settings(config: Path | None, flags: dict, compared: list[str] | Non
     values["method_args"] = method_args_for(method, method_args, compared)
     if isinstance(values.get("el_n"), str | int):
         values["el_n"] = parse_el_n(str(values["el_n"]))
+    if isinstance(values.get("el_sets"), str):
+        values["el_sets"] = parse_el_sets(values["el_sets"])
     audit_values = {k: values.pop(k) for k in AUDIT_KEYS if k in values and k != "seed"}
     if "seed" in values:
         audit_values["seed"] = values["seed"]
@@ -407,7 +421,7 @@ def parse_method_args(texts: list[str] | None) -> dict:
 def method_args_for(method: str | None, args: dict, compared: list[str] | None = None) -> dict:
     """The options of `method` among `args`: METHOD.KEY entries name their method; a plain KEY is for the method
     of `unlearn`, and in a `compare` for every compared method that has such an option."""
-    from .unlearn.methods import METHODS
+    from .unlearning.methods import METHODS
 
     def has(name: str, option: str) -> bool:
         return name in METHODS and option.replace("-", "_") in METHODS[name].config.model_fields
@@ -584,7 +598,7 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
 
     from rich.table import Table
 
-    from .unlearn.methods import METHODS
+    from .unlearning.methods import METHODS
 
     described = {name: spec.describe() for name, spec in METHODS.items()}
     if as_json:

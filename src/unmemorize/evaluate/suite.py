@@ -59,10 +59,12 @@ def audit_oracle(oracle: str, sets: dict[str, list[Sequence]], audit_settings: A
 
 def evaluate_audit(result: AuditResult, model, tokenizer, sets: dict[str, list[Sequence]],
                    audit_settings: AuditSettings, runtime: Runtime, attacks: AttackSettings | None = None,
-                   oracle_audit: AuditResult | None = None) -> None:
-    """Add "oracle" and "attacks" to `result` (an audit of `model`), as after.json holds them."""
+                   oracle_audit: AuditResult | None = None,
+                   token_ids: dict[str, list[list[int]]] | None = None) -> None:
+    """Add "oracle" and "attacks" to `result` (an audit of `model`), as after.json holds them. `token_ids`:
+    the sets already encoded (the attacks do not encode them again)."""
     if oracle_audit is not None:
         result.extra["oracle"] = oracle_report(result, oracle_audit)
     if attacks is not None:
         result.extra["attacks"] = run_attacks(model, tokenizer, sets, audit_settings, runtime, attacks,
-                                              baseline=result)
+                                              baseline=result, token_ids=token_ids)

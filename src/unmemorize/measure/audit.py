@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from ..io.tokens import check_disjoint, encode, pad_id_of
 from .band import DEFAULT_RULE, EXTRACTABLE, IN_BAND, OVER_UNLEARNED, Band, calibrate, check_rule
 from .extraction import DECODE_BATCH_FACTOR, extraction_likelihoods
 from .privacy import privacy_report
-from .scoring import score_tokens
+from .scoring import TokenScores, score_tokens
 
 
 class AuditSettings(BaseModel):
@@ -29,8 +29,9 @@ class AuditSettings(BaseModel):
     max_tokens: int = Field(256, ge=2, description="Truncate every sequence to this many tokens.")
     prefix_tokens: int = Field(32, ge=1, description="Prefix length P for `verbatim` (capped at T // 2).")
     el_n: list[int] = Field([10], description="n values of EL_n; empty turns EL off.")
-    el_sets: list[str] | None = Field(None, description="Sets that get EL (None: every set). EL costs most on "
-                                      "unmemorized text, where every prefix diverges and must be decoded.")
+    el_sets: list[str] | None = Field(["forget", "earlier"], description="Sets that get EL (None: every set). "
+                                      "EL is the decoding of every prefix: on unseen text, where every prefix "
+                                      "diverges at once, it costs most and flags nothing the band does not.")
     band: str = Field(DEFAULT_RULE, description="quantile:LO,HI | meanstd:K | mean, on the holdout MA.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
@@ -63,6 +64,9 @@ class SequenceResult:
     minkpp: float
     status: str | None = None
     text: str = field(default="", repr=False)
+    # The per-token scores the row was computed from: the unlearning loop starts from them (step-0 scores and
+    # band, NPO's reference) instead of scoring the unchanged model again. Never written to a file.
+    scores: TokenScores | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -100,7 +104,8 @@ class AuditResult:
     def to_json(self, show_text: bool = False) -> dict:
         sequences = []
         for row in self.sequences:
-            item = asdict(row)
+            item = asdict(replace(row, scores=None))
+            item.pop("scores")
             text = item.pop("text")
             if show_text:
                 item["text"] = text
@@ -150,10 +155,7 @@ def measure_rows(model, tokenizer, sets: dict[str, list[Sequence]], settings: Au
     rows: list[SequenceResult] = []
     for set_name, all_sequences in sets.items():
         # Every process encodes the whole set: a sequence too short fails on every rank alike.
-        encoded = (token_ids or {}).get(set_name)
-        if encoded is None:
-            encoded = encode(tokenizer, all_sequences, settings.max_tokens, set_name)
-        token_lists = encoded[rank::world]
+        token_lists = token_ids[set_name][rank::world]
         sequences = all_sequences[rank::world]
         scores = score_tokens(model, token_lists, runtime, settings.batch_size, pad_id)
         ns = settings.el_n if settings.el_sets is None or set_name in settings.el_sets else []
@@ -163,7 +165,7 @@ def measure_rows(model, tokenizer, sets: dict[str, list[Sequence]], settings: Au
             rows.append(SequenceResult(
                 set=set_name, id=seq.id, hash=seq.short_hash, n_tokens=score.n_tokens, ma=score.ma, el=el,
                 verbatim=score.verbatim(settings.prefix_tokens), loss=score.loss, zlib=score.zlib_ratio(seq.text),
-                mink=score.mink, minkpp=score.minkpp, text=seq.text))
+                mink=score.mink, minkpp=score.minkpp, text=seq.text, scores=score))
     return rows
 
 

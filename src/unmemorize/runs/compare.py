@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
+from ..evaluate.suite import audit_oracle
 from ..io.files import atomic_write_text
-from ..io.models import Runtime
+from ..io.models import Runtime, load_model
 from ..io.sets import Sequence
 from ..measure.audit import AuditResult
 from ..measure.utility import utility_drop
@@ -23,17 +24,34 @@ from .run import RunResult, unlearn
 def compare(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequence],
             runs: dict[str, UnlearnSettings], runtime: Runtime, out: Path, *, before: AuditResult | None = None,
             **unlearn_options) -> list[RunResult]:
-    """Run every named configuration into `<out>/runs/<name>`; the first run's audit before serves the others."""
+    """Run every named configuration into `<out>/runs/<name>`.
+
+    Done once for all runs: loading the input model (each run unlearns a copy), its audit and utility before
+    (the first run's serve the others), and the audit of each `--oracle`.
+    """
+    from accelerate import PartialState
+
     out = Path(out)
     if not runs:
         raise InputError("compare: no methods given")
+    PartialState(cpu=runtime.device.type == "cpu")  # under torchrun: this process's device, before loading
+    model, tokenizer = load_model(model_spec, runtime, **(unlearn_options.get("load_options") or {}))
+    # The pristine copy waits in host memory: a run copies it to the device, so a GPU holds one model at a time.
+    loaded = (model.to("cpu"), tokenizer)
+    oracles: dict[tuple, AuditResult] = {}
     results: list[RunResult] = []
     for name, settings in runs.items():
         # the same input model and sets: the first run's audit and utility before serve the others
         before_utility = results[-1].run["utility"]["before"] if results and same_evaluation(settings, results[-1]) \
             else None
+        oracle = settings.evaluation.oracle
+        key = (oracle, json.dumps(settings.audit.model_dump(mode="json"), sort_keys=True))
+        # (with --previous a run audits the earlier requests too, the oracle included: it audits its own)
+        if oracle and key not in oracles and unlearn_options.get("previous") is None:
+            oracles[key] = audit_oracle(oracle, sets, settings.audit, runtime, unlearn_options.get("load_options"))
         result = unlearn(model_spec, sets, general, settings, runtime, out / "runs" / name, before=before,
-                         before_utility=before_utility, **unlearn_options)
+                         before_utility=before_utility, loaded=loaded, oracle_audit=oracles.get(key),
+                         **unlearn_options)
         before = result.before
         results.append(result)
     rows = rows_of(results, list(runs))

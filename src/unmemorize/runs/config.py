@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..evaluate.suite import EvaluationSettings
-from ..unlearn.config import LoopSettings
+from ..unlearning.config import LoopSettings
 
 
 class UnlearnSettings(LoopSettings):

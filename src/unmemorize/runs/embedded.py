@@ -247,7 +247,7 @@ def victim_checkpoint(runtime: Runtime | None = None, *, oracle: bool = False,
 def build_victim(dest: Path, recipe: dict, runtime: Runtime) -> dict:
     """Fine-tune the base by `recipe`; write the checkpoint and its `recipe.json` to `dest`; return the latter."""
     from ..io.tokens import encode, pad_id_of
-    from ..unlearn.train import finetune
+    from ..unlearning.train import finetune
 
     started = time.perf_counter()
     data = demo_data(recipe["data_seed"], records_per_level=recipe["records_per_level"],

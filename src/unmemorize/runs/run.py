@@ -8,6 +8,7 @@ The input model is only read.
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import shutil
 import time
@@ -28,8 +29,8 @@ from ..io.tokens import check_disjoint, encode, pad_id_of
 from ..measure.audit import AuditResult, audit
 from ..report import render_run_report
 from ..report.certificate import build_certificate, tokenizer_fingerprint, write_certificate
-from ..unlearn.context import TokenSets
-from ..unlearn.session import unlearn_model
+from ..unlearning.context import TokenSets
+from ..unlearning.session import unlearn_model
 from .config import UnlearnSettings
 from .ledger import earlier_sequences, read_ledger, request_entry, write_ledger
 
@@ -64,8 +65,8 @@ def check_out_folder(out: Path, resume: bool) -> Path:
 def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequence], settings: UnlearnSettings,
             runtime: Runtime, out: Path, *, resume: bool = False, load_options: dict | None = None,
             show_text: bool = False, before: AuditResult | None = None, before_utility: dict | None = None,
-            previous: Path | None = None,
-            sources: dict[str, str] | None = None) -> RunResult:
+            previous: Path | None = None, sources: dict[str, str] | None = None,
+            loaded: tuple | None = None, oracle_audit: AuditResult | None = None) -> RunResult:
     """Unlearn `sets["forget"]` from the model at `model_spec`; write the run folder `out`.
 
     `before` may hold an audit the caller already made of this model with these sets and settings (the demo
@@ -73,7 +74,9 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     the utility of that same model (used only together with `before`). `previous` is the run this one
     continues (a later deletion request): every sequence of its ledger is audited too, as the set "earlier".
     `sources` names the files the sets came from ("forget", "holdout"): the ledger and the certificate record
-    them (paths, never text) so later requests and `verify` can re-read them.
+    them (paths, never text) so later requests and `verify` can re-read them. `loaded` is (model, tokenizer)
+    already loaded from `model_spec` (compare loads it once): the run unlearns a deep copy and never changes it.
+    `oracle_audit` is an audit of `--oracle` with these sets and settings (compare audits it once).
     """
     from accelerate import Accelerator
 
@@ -94,7 +97,10 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     phases: dict[str, float] = {}
     torch.manual_seed(settings.seed)
     requests = read_ledger(previous) if previous is not None else []
-    model, tokenizer = load_model(model_spec, runtime, **(load_options or {}))
+    if loaded is None:
+        model, tokenizer = load_model(model_spec, runtime, **(load_options or {}))
+    else:
+        model, tokenizer = copy.deepcopy(loaded[0]).to(runtime.device), loaded[1]
     pad_id = pad_id_of(tokenizer)
     max_tokens = settings.audit.max_tokens
     if requests:
@@ -112,6 +118,10 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         general=encode(tokenizer, general, max_tokens, "general"),
     )
     check_disjoint({"forget": tokens.forget[:requested], "holdout": tokens.holdout, "retain": tokens.retain}, sets)
+    # Every audit of this run (before, after, the attacks') uses these ids: the sets are encoded once.
+    token_ids = {"forget": tokens.forget[:requested], "earlier": tokens.forget[requested:],
+                 "holdout": tokens.holdout, "retain": tokens.retain}
+    token_ids = {name: ids for name, ids in token_ids.items() if name in sets}
     settings_json = settings.model_dump(mode="json")
     recorded = work / "settings.json"
     if resume and json.loads(recorded.read_text()) != {"model": model_spec, **settings_json}:
@@ -127,14 +137,15 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     # in for the retain and holdout scoring of the utility.
     if (before is None or before.model.get("sha256") != input_hash or before.settings["el_n"] != settings.audit.el_n
             or before.settings.get("max_tokens") != settings.audit.max_tokens or before.set_names() != list(sets)):
-        before, before_utility = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info), None
+        before, before_utility = audit(model, tokenizer, sets, settings.audit, runtime, model_info=info,
+                                       token_ids=token_ids), None
     utility_before = before_utility or model_utility(model, tokenizer, utility_ids, runtime, evaluation,
                                                      settings.audit.batch_size, pad_id, audited=before)
     phases["audit_before"] = time.perf_counter() - tick
     # The oracle is audited up front: a bad --oracle fails before any unlearning, and one audit serves both
     # comparisons (before and after).
-    oracle_audit = audit_oracle(evaluation.oracle, sets, settings.audit, runtime, load_options) \
-        if evaluation.oracle else None
+    if evaluation.oracle and oracle_audit is None:
+        oracle_audit = audit_oracle(evaluation.oracle, sets, settings.audit, runtime, load_options)
     # The work folder appears only now: bad input found while auditing (an unknown --tasks name, ...) leaves
     # nothing behind.
     if main and not resume:
@@ -143,19 +154,22 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     accelerator.wait_for_everyone()
 
     tick = time.perf_counter()
-    model, outcome, lam = unlearn_model(model, tokenizer, settings, tokens, runtime, work, utility_before, accelerator)
+    model, outcome, lam = unlearn_model(model, tokenizer, settings, tokens, runtime, work, utility_before, accelerator,
+                                        audited_scores(before, ["forget", "earlier"], ["holdout"]))
     phases["unlearn"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     info = {"source": str(out / "model"), "sha256": state_sha256(model), "runtime": runtime.describe()}
-    after = audit(model, tokenizer, sets, settings.audit, runtime, reference=before, model_info=info)
+    after = audit(model, tokenizer, sets, settings.audit, runtime, reference=before, model_info=info,
+                  token_ids=token_ids)
     utility_after = model_utility(model, tokenizer, utility_ids, runtime, evaluation, settings.audit.batch_size,
                                   pad_id, audited=after)
     phases["audit_after"] = time.perf_counter() - tick
     tick = time.perf_counter()
     if oracle_audit is not None:
         before.extra["oracle"] = oracle_report(before, oracle_audit)
-    evaluate_audit(after, model, tokenizer, sets, settings.audit, runtime, evaluation.attacks, oracle_audit)
+    evaluate_audit(after, model, tokenizer, sets, settings.audit, runtime, evaluation.attacks, oracle_audit,
+                   token_ids=token_ids)
     phases["evaluation"] = time.perf_counter() - tick
 
     run = {
@@ -200,6 +214,14 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     accelerator.wait_for_everyone()  # no process returns before the run folder is complete
     _process_group["finished"] = True
     return RunResult(out, before, after, run)
+
+
+def audited_scores(audited: AuditResult, forget: list[str], holdout: list[str]) -> dict[str, list]:
+    """The per-token scores an audit kept of its rows ({"forget": the rows of the sets `forget` in order,
+    "holdout": ...}); empty when some row has none."""
+    scores = {"forget": [r.scores for name in forget for r in audited.of(name)],
+              "holdout": [r.scores for name in holdout for r in audited.of(name)]}
+    return scores if all(s is not None for rows in scores.values() for s in rows) else {}
 
 
 def reached(after: AuditResult) -> bool:

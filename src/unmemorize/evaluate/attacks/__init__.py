@@ -90,13 +90,15 @@ def known(names: list[str], allowed, message: str) -> list[str]:
 
 def run_attacks(model: nn.Module, tokenizer, sets: dict[str, list[Sequence]], audit_settings: AuditSettings,
                 runtime: Runtime, settings: AttackSettings, baseline: AuditResult | None = None,
-                wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict:
+                wrap: Callable[[nn.Module], nn.Module] | None = None,
+                token_ids: dict[str, list[list[int]]] | None = None) -> dict:
     """Run `settings.attacks` on `model`; return {attack name: JSON-serializable result}.
 
     `sets` holds "forget" and "holdout" (and "retain" for relearn_on="retain" and the retain priming).
     `baseline` is the audit of `wrap(model)` without any attack (computed, EL off, when None). `wrap` turns
     a model into the one that is measured (a decoding-time guard, say); relearn and quantize change a deep
-    copy of `model` and wrap that. The input model is never modified.
+    copy of `model` and wrap that. The input model is never modified. `token_ids` holds sets already encoded
+    with `audit_settings.max_tokens` (in the order of `sets`): they are not encoded again.
     """
     for name in ("forget", "holdout"):
         if not sets.get(name):
@@ -106,7 +108,7 @@ def run_attacks(model: nn.Module, tokenizer, sets: dict[str, list[Sequence]], au
         no_el = audit_settings.model_copy(update={"el_n": []})
         baseline = audit(wrap(model), tokenizer, {"forget": sets["forget"], "holdout": sets["holdout"]}, no_el,
                          runtime)
-    ctx = AttackContext(model, tokenizer, sets, audit_settings, runtime, settings, baseline, wrap)
+    ctx = AttackContext(model, tokenizer, sets, audit_settings, runtime, settings, baseline, wrap, token_ids or {})
     results = {}
     for name in settings.attacks:
         started = time.perf_counter()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -32,6 +32,7 @@ class AttackContext:
     settings: object  # AttackSettings (not imported here to keep the import graph one-way)
     baseline: AuditResult
     wrap: Callable[[nn.Module], nn.Module]
+    token_ids: dict[str, list[list[int]]] = field(default_factory=dict)  # sets already encoded, in `sets` order
 
     @property
     def pad_id(self) -> int:
@@ -43,12 +44,18 @@ class AttackContext:
         return self.audit_settings.model_copy(update={"el_n": []})
 
     def encode(self, sequences: list[Sequence], set_name: str) -> list[list[int]]:
+        """Token ids of `sequences` (some of the set `set_name`): those of the run when it has them."""
+        known = self._ids.get(set_name, {})
+        if all(s.id in known for s in sequences):
+            return [known[s.id] for s in sequences]
         return encode(self.tokenizer, sequences, self.audit_settings.max_tokens, set_name)
 
     def baseline_row(self, seq: Sequence) -> SequenceResult:
         return self._baseline_rows[seq.id]
 
     def __post_init__(self) -> None:
+        self._ids = {name: {s.id: ids for s, ids in zip(self.sets[name], self.token_ids[name], strict=True)}
+                     for name in self.token_ids if name in self.sets}
         self._baseline_rows = {r.id: r for r in self.baseline.of("forget")}
         missing = [s.id for s in self.sets["forget"] if s.id not in self._baseline_rows]
         if missing:
@@ -60,7 +67,8 @@ class AttackContext:
 
     def audit(self, model: nn.Module, sets: dict[str, list[Sequence]]) -> AuditResult:
         """Audit `wrap(model)` with EL off; the band is calibrated on this model's own holdout."""
-        return audit(self.wrap(model), self.tokenizer, sets, self.no_el, self.runtime)
+        ids = {name: self.encode(seqs, name) for name, seqs in sets.items() if name in self._ids}
+        return audit(self.wrap(model), self.tokenizer, sets, self.no_el, self.runtime, token_ids=ids)
 
 
 def sequence_row(ctx: AttackContext, seq: Sequence, status: str | None, verbatim: bool, **results) -> dict:

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ...errors import InputError
-from ...unlearn.train import finetune
+from ...unlearning.train import finetune
 from .common import AttackContext, audit_rows, counts, holdout_summary
 
 

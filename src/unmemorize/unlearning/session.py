@@ -44,10 +44,13 @@ class Unlearned(NamedTuple):
 
 
 def unlearn_model(model: torch.nn.Module, tokenizer, settings: LoopSettings, tokens: TokenSets, runtime: Runtime,
-                  work: Path, utility_before: dict, accelerator) -> Unlearned:
+                  work: Path, utility_before: dict, accelerator, before: dict[str, list] | None = None) -> Unlearned:
     """Unlearn `tokens.forget` from `model` with the method of `settings`. Gradient stages log to
-    `work/trajectory.jsonl` and checkpoint into `work`; the utility guard compares with `utility_before`."""
-    ctx = Context(model=model, runtime=runtime, pad_id=pad_id_of(tokenizer), forget_ids=tokens.forget)
+    `work/trajectory.jsonl` and checkpoint into `work`; the utility guard compares with `utility_before`.
+    `before` holds the audit's scores of `model` ("forget" in `tokens.forget` order, "holdout"): the first
+    measurement of every stage starts from them instead of scoring the unchanged model again."""
+    ctx = Context(model=model, runtime=runtime, pad_id=pad_id_of(tokenizer), forget_ids=tokens.forget,
+                  before=before or {})
     spec = settings.spec
     session = Session(ctx, spec, settings, tokens, Path(work), utility_before, accelerator)
     for stage in spec.build(settings.method_args, tokenizer):

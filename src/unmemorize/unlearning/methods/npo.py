@@ -34,7 +34,11 @@ class NPO(GradientMethod):
         self.reference: torch.Tensor | None = None
 
     def prepare(self, ctx: Context) -> None:
-        scores = score_tokens(ctx.model, ctx.forget_ids, ctx.runtime, pad_id=ctx.pad_id)
+        """log pi_ref(x_i): the audit's scores of the input model when the weights are still those (`ctx.before`),
+        else one scoring pass now."""
+        scores = ctx.before.get("forget") if not ctx.changed else None
+        if scores is None:
+            scores = score_tokens(ctx.model, ctx.forget_ids, ctx.runtime, pad_id=ctx.pad_id)
         self.reference = torch.tensor([float(s.logprobs.sum()) for s in scores], device=ctx.runtime.device)
 
     def loss(self, ctx: Context, forget: Batch, retain: Batch | None) -> torch.Tensor:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..measure.band import Band
 from ..measure.utility import utility, utility_drop
+from ..progress import progress
 from .checkpoint import load_checkpoint, save_checkpoint
 from .context import Batch, Context, LoopOutcome, TokenSets
 from .retain import retain_loss
@@ -44,13 +44,11 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
                      selection: str) -> LoopOutcome:
     """Train `params` on `objective` until the stop rule; `selection` (target.ALL or target.BAND) says which
     forget sequences get gradient."""
-    columns = (TextColumn("unlearning"), BarColumn(), MofNCompleteColumn(), TextColumn("steps · {task.fields[status]}"),
-               TimeElapsedColumn())
-    with Progress(*columns, transient=True, disable=not accelerator.is_main_process) as progress:
-        task = progress.add_task("unlearning", total=settings.max_steps, status="scoring the request")
+    with progress("unlearning", settings.max_steps, status="scoring the request",
+                  enabled=accelerator.is_main_process) as update:
 
         def show(step: int, above: int) -> None:
-            progress.update(task, completed=step, status=f"{above} of {len(sets.forget)} above the band or verbatim")
+            update(completed=step, status=f"{above} of {len(sets.forget)} above the band or verbatim")
 
         return _steps(ctx, objective, params, settings, sets, work, utility_before, accelerator, grad_mask, show,
                       selection)
@@ -122,6 +120,7 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
                 if param.grad is not None:
                     param.grad.mul_(mask)
         optimizer.step()
+        ctx.changed = True
         tokens_trained += forget_tokens + (int(retain_batch.mask.sum()) if retain_batch else 0)
         if accelerator.is_main_process:
             log_step(trajectory, step, loss_value, ma, sets.forget_names, target.band, active,

@@ -71,6 +71,12 @@ class Context:
     runtime: Runtime
     pad_id: int
     forget_ids: list[list[int]]
+    before: dict[str, list] = field(default_factory=dict, repr=False)
+    """Scores of the input model from the audit before unlearning (`measure.scoring.TokenScores`): "forget"
+    (every driven forget sequence, in `forget_ids` order) and "holdout". What is known of the model before
+    any step is not measured again: NPO's reference, the loop's step-0 scores and step-0 band."""
+    changed: bool = False
+    """Whether any stage has changed the weights yet (then `before` no longer describes the current model)."""
     _original: torch.nn.Module | None = field(default=None, repr=False)
 
     @property

@@ -62,6 +62,7 @@ def subtract(ctx: Context, settings, tokens: TokenSets, previous: LoopOutcome | 
     vector = task_vector(ctx, params, [tokens.forget[i] for i in chosen], epochs=settings.tv_epochs,
                          lr=settings.learning_rate, batch_size=audit_settings.batch_size, seed=settings.seed)
     trained += sum(len(tokens.forget[i]) for i in chosen) * settings.tv_epochs
+    ctx.changed = True  # from here on the weights move with every lambda tried
 
     def reached(lam: float) -> bool:
         apply(params, original, vector, lam)

@@ -84,13 +84,23 @@ class Target:
         self.ctx, self.sets, self.settings = ctx, sets, settings
         self.rule = settings.stop
         self.band, self.holdout_mean = band, holdout_mean
+        # The audit's scores stand in for the first measurement while the weights are those it measured.
+        self._unused = {} if ctx.changed or band is not None else dict(ctx.before)
 
     def calibrate(self) -> Band:
-        self.band, self.holdout_mean = calibrate_band(self.ctx, self.sets, self.settings)
+        holdout = self._unused.pop("holdout", None)
+        if holdout is not None:
+            ma = [s.ma for s in holdout]
+            self.band, self.holdout_mean = calibrate(self.settings.audit.band, ma), float(np.mean(ma))
+        else:
+            self.band, self.holdout_mean = calibrate_band(self.ctx, self.sets, self.settings)
         return self.band
 
     def score(self) -> list:
         """MA and verbatim of every forget sequence under the current model (one batched pass, no gradient)."""
+        forget = self._unused.pop("forget", None)
+        if forget is not None:
+            return forget
         ctx = self.ctx
         return lean_scores(ctx.model, self.sets.forget, ctx.runtime, self.settings.audit.batch_size, ctx.pad_id)
 
