@@ -16,8 +16,8 @@ def audit_run(tiny, tmp_path_factory):
     before = folder_sha256(tiny["model"])
     files = tiny["files"]
     result = run_cli("audit", "--model", tiny["model"], "--forget", files["forget"], "--holdout", files["holdout"],
-                     "--retain", files["retain"], "--out", out, "--el-n", "3,5", "--prefix-tokens", "8",
-                     "--dtype", "float32")
+                     "--retain", files["retain"], "--out", out, "--el-n", "3,5", "--el-sets", "all",
+                     "--prefix-tokens", "8", "--dtype", "float32")
     return result, out, before
 
 

@@ -21,7 +21,7 @@ from unmemorize.io.tokens import encode
 from unmemorize.measure.audit import AuditSettings, audit
 from unmemorize.measure.extraction import el_from_continuations, greedy_continue, reference_extraction_likelihoods
 
-SETTINGS = AuditSettings(el_n=[2, 4], prefix_tokens=8, batch_size=3)
+SETTINGS = AuditSettings(el_n=[2, 4], prefix_tokens=8, batch_size=3, el_sets=None)  # EL on every set
 MEMORIZED = ("f0", "f1", "f2", "f3")  # repeated 8 times in training
 
 

@@ -40,7 +40,7 @@ def arguments(tiny, out: Path) -> list[str]:
     files = tiny["files"]
     return ["audit", "--model", str(tiny["model"]), "--forget", str(files["forget"]), "--holdout",
             str(files["holdout"]), "--retain", str(files["retain"]), "--dtype", "float32", "--device", "cpu",
-            "--el-n", "2", "--prefix-tokens", "8", "--batch-size", "3", "--out", str(out)]
+            "--el-n", "2", "--el-sets", "all", "--prefix-tokens", "8", "--batch-size", "3", "--out", str(out)]
 
 
 def fp32_close(a: float, b: float) -> bool:
@@ -101,7 +101,7 @@ def test_shards_merge_to_the_one_process_rows(tiny_loaded, tiny):
     model, tokenizer, runtime = tiny_loaded
     sets = {"forget": tiny["sets"]["forget"][:5], "holdout": tiny["sets"]["holdout"][:2],
             "retain": tiny["sets"]["retain"][:1]}
-    settings = AuditSettings(max_tokens=32, prefix_tokens=8, el_n=[2], batch_size=2)
+    settings = AuditSettings(max_tokens=32, prefix_tokens=8, el_n=[2], batch_size=2, el_sets=None)
     pad_id = pad_id_of(tokenizer)
     whole = measure_rows(model, tokenizer, sets, settings, runtime, pad_id)
     parts = [measure_rows(model, tokenizer, sets, settings, runtime, pad_id, (rank, 3)) for rank in range(3)]

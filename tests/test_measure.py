@@ -22,7 +22,7 @@ from unmemorize.measure.scoring import score_tokens
 @pytest.fixture(scope="module")
 def tiny_audit(tiny, tiny_loaded):
     model, tokenizer, runtime = tiny_loaded
-    settings = AuditSettings(el_n=[3, 5], prefix_tokens=8, batch_size=3)
+    settings = AuditSettings(el_n=[3, 5], prefix_tokens=8, batch_size=3, el_sets=None)  # EL on every set
     return audit(model, tokenizer, tiny["sets"], settings, runtime)
 
 
@@ -156,3 +156,12 @@ def test_el_can_be_limited_to_some_sets(tiny, tiny_loaded, tiny_audit):
     assert {r.id: r.el["3"] for r in result.of("forget")} == full
     assert result.summary("holdout")["mean_el"] == {"3": None}
     assert "el_3" in result.to_csv().splitlines()[0]
+
+
+def test_by_default_el_is_computed_on_the_forget_sets_only(tiny, tiny_loaded, tiny_audit):
+    """EL decodes every prefix; on unseen text that is every one, and the band already says what EL would."""
+    model, tokenizer, runtime = tiny_loaded
+    result = audit(model, tokenizer, tiny["sets"], AuditSettings(el_n=[3], prefix_tokens=8), runtime)
+    assert AuditSettings().el_sets == ["forget", "earlier"]
+    assert all(r.el == {} for r in result.of("holdout") + result.of("retain"))
+    assert {r.id: r.el["3"] for r in result.of("forget")} == {r.id: r.el["3"] for r in tiny_audit.of("forget")}
