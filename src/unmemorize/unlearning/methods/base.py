@@ -13,6 +13,7 @@ A method file declares
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -36,7 +37,7 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
-class Method:
+class Method(ABC):
     """One stage of unlearning. `unlearn` changes `session.ctx.model` and records what it did in the session."""
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -45,12 +46,13 @@ class Method:
         self.config = config if config is not None else type(self).Config()
         self.tokenizer = tokenizer
 
+    @abstractmethod
     def unlearn(self, session: Session) -> None:
-        raise NotImplementedError
+        """Unlearn: change `session.ctx.model`, set `session.outcome` (and `session.lam`)."""
 
 
 class GradientMethod(Method):
-    """A forget loss that the loop (`unlearn.loop`) minimizes with Adam, step by step, until the stop rule."""
+    """A forget loss that the loop (`unlearning.loop`) minimizes with Adam, step by step, until the stop rule."""
 
     averages_over: ClassVar[str] = SEQUENCES
     """What `loss` is a mean over (context.PREDICTED_TOKENS, TOKENS or SEQUENCES): under data parallelism each
@@ -59,8 +61,9 @@ class GradientMethod(Method):
     def prepare(self, ctx: Context) -> None:
         """Precompute what the loss needs from the model before training (called once, before the first step)."""
 
+    @abstractmethod
     def loss(self, ctx: Context, forget: Batch, retain: Batch | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The forget loss on `forget` (the loop adds the retain regularizer), a mean over `averages_over`."""
 
     def trainable(self, model) -> list[torch.nn.Parameter] | None:
         """The parameters this method trains; None: every one (or the LoRA adapters under --lora)."""
