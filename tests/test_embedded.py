@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import shutil
 
 import pytest
 
@@ -140,3 +142,74 @@ def test_base_checkpoint_is_cached(monkeypatch, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(first, use_safetensors=True)
     assert model.config.model_type == "llama"
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
+
+
+def shipped_victim(oracle: bool = False):
+    recipe = {**embedded.RECIPE, "oracle": oracle}
+    return embedded.SHIPPED / f"{'oracle' if oracle else 'victim'}-{embedded.recipe_hash(recipe)}"
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_adapters_for_the_recipe_ship_with_their_hash(oracle):
+    """The package holds the victim and oracle adapters of the current RECIPE (a recipe change without `make
+    victims` fails here), each small and matching the SHA-256 its recipe.json records."""
+    folder = shipped_victim(oracle)
+    info = json.loads((folder / "recipe.json").read_text())
+    adapter = folder / embedded.ADAPTER_FILE
+    assert embedded.file_sha256(adapter) == info["adapter_sha256"]
+    assert adapter.stat().st_size < 15 * 2**20
+    assert info["recipe"] == {**embedded.RECIPE, "oracle": oracle}
+    after = info["after"]
+    if not oracle:  # the properties the README states, as measured at build on the merged checkpoint
+        assert after["forget_extractable"] == len(embedded.demo_data(0).forget)
+        assert after["holdout_ma_q95"] < min(after["forget_ma"].values())
+        assert after["general_ppl"] <= 1.15 * info["before"]["general_ppl"]
+        assert min(level["mean"] for level in after["record_ma_by_level"].values()) > after["holdout_ma_q95"] + 0.1
+
+
+def test_install_refuses_a_changed_adapter(tmp_path):
+    copy = tmp_path / "adapter"
+    shutil.copytree(shipped_victim(), copy)
+    data = bytearray((copy / embedded.ADAPTER_FILE).read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    (copy / embedded.ADAPTER_FILE).write_bytes(bytes(data))
+    with pytest.raises(InputError) as error:
+        embedded.install_adapter(copy, tmp_path / "victim")
+    assert "SHA-256" in str(error.value) and "--rebuild" in str(error.value)
+    assert not (tmp_path / "victim").exists()
+
+
+@pytest.mark.slow
+def test_shipped_victim_is_base_plus_adapter_and_memorizes(monkeypatch, tmp_path):
+    """First use merges the shipped adapter into the base: a weight equals W_base + (alpha/r) B A computed by hand,
+    and the installed victim still makes every requested record extractable (MA above the holdout's q95)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from unmemorize.io.models import load_model, make_runtime
+    from unmemorize.io.tokens import encode, pad_id_of
+    from unmemorize.measure.scoring import score_tokens
+
+    monkeypatch.setenv("UNMEMORIZE_HOME", str(tmp_path))
+    victim = embedded.victim_checkpoint()
+    assert victim.parent == tmp_path and (victim / "recipe.json").is_file()
+    assert embedded.victim_checkpoint() == victim  # cached: no second merge
+    runtime = make_runtime("cpu", "float32")
+    base, _ = load_model(embedded.base_checkpoint(), runtime)
+    model, tokenizer = load_model(victim, runtime)
+    adapter = load_file(str(shipped_victim() / embedded.ADAPTER_FILE))
+    config = json.loads((shipped_victim() / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    a = next(v for k, v in adapter.items() if "layers.3.mlp.down_proj.lora_A" in k).double()
+    b = next(v for k, v in adapter.items() if "layers.3.mlp.down_proj.lora_B" in k).double()
+    expected = base.model.layers[3].mlp.down_proj.weight.double() + scale * (b @ a)
+    assert torch.allclose(model.model.layers[3].mlp.down_proj.weight.double(), expected, atol=1e-6)
+    assert not torch.equal(model.model.layers[3].mlp.down_proj.weight, base.model.layers[3].mlp.down_proj.weight)
+
+    data = embedded.demo_data(0)
+    pad_id = pad_id_of(tokenizer)
+    forget, holdout = (score_tokens(model, encode(tokenizer, s, 256), runtime, batch_size=16, pad_id=pad_id)
+                       for s in (data.forget, data.holdout))
+    upper = float(np.quantile([s.ma for s in holdout], 0.95))
+    assert all(s.ma > upper for s in forget)

@@ -35,13 +35,15 @@ DEMO_RUNS = {
 }
 
 
-def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False, attacks: bool = False) -> dict:
+def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False, attacks: bool = False,
+             rebuild: bool = False) -> dict:
+    """`rebuild`: train the victim (and the oracle) from scratch instead of merging the shipped adapters."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
         raise InputError(f"--out {out}: exists and is not a demo folder; choose a new or empty folder")
     base = embedded.base_checkpoint(runtime)
-    victim = embedded.victim_checkpoint(runtime)
-    oracle_path = embedded.victim_checkpoint(runtime, oracle=True) if oracle else None
+    victim = embedded.victim_checkpoint(runtime, rebuild=rebuild)
+    oracle_path = embedded.victim_checkpoint(runtime, oracle=True, rebuild=rebuild) if oracle else None
     data = embedded.demo_data(embedded.RECIPE["data_seed"])
     sets = {"forget": data.forget, "holdout": data.holdout,
             "retain": data.retain + data.general_train[:RETAIN_GENERAL_CHUNKS]}

