@@ -114,6 +114,44 @@ def test_verify_fails_on_the_original_model(certified, tiny_loaded):
     assert "f0" in reason  # the memorized records are named
 
 
+def test_the_loss_claims_hold_on_the_unlearned_model_and_fail_on_the_source(certified, tiny_loaded):
+    cert = certified["certificate"]
+    claims = cert["claims"]
+    after = certified["result"].after.summary("forget")
+    assert claims["target"] == "ma" and claims["loss_memorized_after"] == after["loss_memorized"]
+    assert claims["no_loss_memorized_after"] == (after["loss_memorized"] == 0)
+    assert claims["loss_over_unlearned_after"] == after["loss_over_unlearned"]
+    assert claims["loss_memorized_before"] >= 4  # f0-f3 are far too likely under the source model
+    assert cert["loss_band"]["score"] == "loss" and cert["loss_band"]["n"] == cert["holdout"]["n"]
+    assert {s["loss_status_after"] for s in cert["sequences"]} <= {"memorized", "in_band", "over_unlearned"}
+
+    unlearned = verify_certificate(cert, certified["model"], certified["tokenizer"], RUNTIME, certified["sets"])
+    checked = {c["name"]: c for c in unlearned.claims}
+    assert {"loss_memorized", "loss_over_unlearned", "loss_band"} <= set(checked)
+    assert all(checked[name]["ok"] for name in ("loss_memorized", "loss_over_unlearned", "loss_band"))
+
+    model, tokenizer, runtime = tiny_loaded
+    source = verify_certificate(cert, model, tokenizer, runtime, certified["sets"])
+    memorized = source.audit.summary("forget")["loss_memorized"]
+    assert memorized > claims["loss_memorized_after"]  # the source model's forget set is memorized on loss
+    assert "loss_memorized" in names(source)
+    reason = next(c["reason"] for c in source.failures if c["name"] == "loss_memorized")
+    assert "f0" in reason and f"certified {claims['loss_memorized_after']}" in reason
+
+
+def test_a_certificate_made_before_the_loss_band_verifies_without_loss_claims(certified):
+    old = copy.deepcopy(certified["certificate"])
+    for key in ("loss_band", "loss_band_before"):
+        del old[key]
+    for key in ("target", "no_loss_memorized_after", "loss_memorized_before", "loss_memorized_after",
+                "loss_over_unlearned_after"):
+        del old["claims"][key]
+    old["integrity"]["sha256"] = body_sha256(old)
+    result = verify_certificate(old, certified["model"], certified["tokenizer"], RUNTIME, certified["sets"])
+    assert result.ok, result.failures
+    assert not {"loss_memorized", "loss_over_unlearned", "loss_band"} & {c["name"] for c in result.claims}
+
+
 def test_an_edited_certificate_breaks_the_body_hash(certified):
     edited = copy.deepcopy(certified["certificate"])
     edited["sequences"][0]["status_before"] = "in_band"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from clirun import run_cli
 
@@ -25,7 +26,7 @@ def test_audit_writes_the_spec_shape(audit_run, tiny):
     result, out, before = audit_run
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "audit.json").read_text())
-    assert set(report) == {"model", "settings", "band", "sets", "privacy", "sequences"}
+    assert set(report) == {"model", "settings", "band", "loss_band", "sets", "privacy", "sequences"}
     assert report["band"]["calibrated_on"] == "holdout" and report["band"]["n"] == 20
     assert set(report["sets"]) == {"forget", "holdout", "retain"}
     forget = report["sets"]["forget"]
@@ -34,11 +35,38 @@ def test_audit_writes_the_spec_shape(audit_run, tiny):
         assert 0 <= report["privacy"][key] <= 1 and len(report["privacy"][key + "_ci"]) == 2
     row = report["sequences"][0]
     assert set(row) == {"set", "id", "hash", "n_tokens", "ma", "el", "verbatim", "loss", "zlib", "mink", "minkpp",
-                        "status"}
+                        "status", "loss_status"}
     assert set(row["el"]) == {"3", "5"}
     csv_lines = (out / "audit.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 40 and csv_lines[0].startswith("set,id,hash,n_tokens,ma,el_3,el_5")
     assert folder_sha256(tiny["model"]) == before  # the input model is never modified
+
+
+def test_audit_writes_the_loss_band_and_each_loss_status(audit_run):
+    """The loss band is the --band rule (default quantile:0.05,0.95) on the holdout's per-sequence losses, and
+    each loss status and count follows from the losses written beside it."""
+    result, out, _ = audit_run
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "audit.json").read_text())
+    holdout = [row["loss"] for row in report["sequences"] if row["set"] == "holdout"]
+    band = report["loss_band"]
+    assert band == {"rule": "quantile:0.05,0.95", "lower": pytest.approx(float(np.quantile(holdout, 0.05))),
+                    "upper": pytest.approx(float(np.quantile(holdout, 0.95))), "calibrated_on": "holdout", "n": 20,
+                    "score": "loss"}
+    for row in report["sequences"]:
+        expected = ("memorized" if row["loss"] < band["lower"] else
+                    "over_unlearned" if row["loss"] > band["upper"] else "in_band")
+        assert row["loss_status"] == expected, row["id"]
+    for name, summary in report["sets"].items():
+        rows = [row for row in report["sequences"] if row["set"] == name]
+        for key, status in (("loss_memorized", "memorized"), ("loss_in_band", "in_band"),
+                            ("loss_over_unlearned", "over_unlearned")):
+            assert summary[key] == sum(row["loss_status"] == status for row in rows), (name, key)
+    assert report["sets"]["forget"]["loss_memorized"] >= 4  # f0-f3 are memorized: far too likely
+    header, *lines = (out / "audit.csv").read_text().splitlines()
+    assert header.endswith(",status,loss_status")
+    assert [line.rsplit(",", 1)[1] for line in lines] == [row["loss_status"] for row in report["sequences"]]
+    assert "Loss band" in result.stdout
 
 
 def test_no_text_anywhere_unless_show_text(audit_run, tiny, tmp_path):
@@ -52,6 +80,7 @@ def test_no_text_anywhere_unless_show_text(audit_run, tiny, tmp_path):
     report = json.loads((tmp_path / "t" / "audit.json").read_text())
     assert report["sequences"][0]["text"] == texts[0] and report["sequences"][0]["el"] == {}
     assert report["band"] is None and report["sequences"][0]["status"] is None
+    assert report["loss_band"] is None and report["sequences"][0]["loss_status"] is None
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -43,7 +43,9 @@ def run(tiny, general, out, **options):
 METHOD_OPTIONS = {
     "ga": {"lr": 3e-4}, "gd": {"lr": 3e-4}, "ga_kl": {"lr": 3e-4}, "npo": {"lr": 1e-3}, "npo_gd": {"lr": 1e-3},
     "npo_kl": {"lr": 1e-3}, "idk": {"lr": 1e-3}, "rmu": {"lr": 1e-2}, "sga": {"lr": 3e-4}, "ta": {"lr": 3e-3},
-    "tau": {"lr": 3e-3}, "sgatau": {"lr": 3e-4},
+    "tau": {"lr": 3e-3}, "sgatau": {"lr": 3e-4}, "simnpo": {"lr": 1e-3}, "simnpo_gd": {"lr": 1e-3},
+    "ssimnpo": {"lr": 1e-3}, "undial": {"lr": 1e-3}, "wga": {"lr": 1e-3}, "wga_gd": {"lr": 1e-3},
+    "satimp": {"lr": 1e-3}, "satimp_gd": {"lr": 3e-3}, "ce_u": {"lr": 1e-3}, "hinge": {"lr": 1e-3},
 }
 
 

@@ -14,7 +14,8 @@ from ._version import __version__
 
 _API = {
     "AuditResult": "measure.audit", "AuditSettings": "measure.audit", "SequenceResult": "measure.audit",
-    "audit": "measure.audit", "Band": "measure.band", "calibrate": "measure.band", "Sequence": "io.sets",
+    "audit": "measure.audit", "Band": "measure.band", "calibrate": "measure.band", "LossBand": "measure.band",
+    "calibrate_loss": "measure.band", "Sequence": "io.sets",
     "load_set": "io.sets", "InputError": "errors", "Runtime": "io.models", "load_model": "io.models",
     "make_runtime": "io.models", "AttackSettings": "evaluate.attacks", "run_attacks": "evaluate.attacks",
     "UnlearnSettings": "runs.config", "RunResult": "runs.run", "unlearn": "runs.run", "compare": "runs.compare",
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .io.models import Runtime, load_model, make_runtime
     from .io.sets import Sequence, load_set
     from .measure.audit import AuditResult, AuditSettings, SequenceResult, audit
-    from .measure.band import Band, calibrate
+    from .measure.band import Band, LossBand, calibrate, calibrate_loss
     from .runs.compare import compare
     from .runs.config import UnlearnSettings
     from .runs.run import RunResult, unlearn
@@ -44,6 +45,6 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_API])
 
 
-__all__ = ["AttackSettings", "AuditResult", "AuditSettings", "Band", "InputError", "RunResult", "Runtime",
-           "Sequence", "SequenceResult", "UnlearnSettings", "__version__", "audit", "calibrate", "compare",
-           "load_model", "load_set", "make_runtime", "run_attacks", "unlearn"]
+__all__ = ["AttackSettings", "AuditResult", "AuditSettings", "Band", "InputError", "LossBand", "RunResult",
+           "Runtime", "Sequence", "SequenceResult", "UnlearnSettings", "__version__", "audit", "calibrate",
+           "calibrate_loss", "compare", "load_model", "load_set", "make_runtime", "run_attacks", "unlearn"]

@@ -221,8 +221,17 @@ Opt = typer.Option
 Lr = Annotated[float | None, Opt("--lr", help="Learning rate [default: the method's].")]
 MaxSteps = Annotated[int | None, Opt("--max-steps", help="Cap on gradient steps. [default: 200]")]
 Stop = Annotated[str | None, Opt("--stop", help="band | mean | steps [default: band]")]
+TargetOpt = Annotated[str | None, Opt("--target", help="ma: no forget sequence extractable or verbatim; "
+                                      "indistinguishable: ma, and every forget loss inside the loss band. "
+                                      "[default: ma]")]
 RetainLoss = Annotated[str | None, Opt("--retain-loss", help="none | nll | kl [default: the method's]")]
 RetainWeight = Annotated[float | None, Opt("--retain-weight", help="[default: 1.0]")]
+Neighbours = Annotated[str | None, Opt("--neighbours", help="Unseen in-domain text that must stay as it was: each "
+                                       "step adds --neighbour-weight * KL to the original model on a batch of it "
+                                       "(any gradient method). Must not share sequences with --forget or "
+                                       "--holdout.")]
+NeighbourWeight = Annotated[float | None, Opt("--neighbour-weight", help="Weight of the --neighbours KL. "
+                                              "[default: 1.0]")]
 Lora = Annotated[int | None, Opt("--lora", help="LoRA rank; 0 trains the weights. [default: 0]")]
 MaskFraction = Annotated[float | None, Opt("--mask-fraction", help="Train only this fraction of weights (largest "
                                            "forget gradient). [default: 0 = all]")]
@@ -239,9 +248,9 @@ CompareMethodArg = Annotated[list[str] | None, Opt("--method-arg", metavar="KEY=
                                                  "Repeatable.")]
 MaybeInt = Annotated[int | None, Opt()]
 MaybeStr = Annotated[str | None, Opt()]
-SETTING_KEYS = ("method", "lr", "max_steps", "stop", "retain_loss", "retain_weight", "lora", "mask_fraction",
-                "max_utility_drop", "seed", "batch_size", "max_tokens", "prefix_tokens", "el_n", "el_sets", "band",
-                "oracle", "attacks", "tasks")
+SETTING_KEYS = ("method", "lr", "max_steps", "stop", "target", "retain_loss", "retain_weight", "neighbour_weight",
+                "lora", "mask_fraction", "max_utility_drop", "seed", "batch_size", "max_tokens", "prefix_tokens",
+                "el_n", "el_sets", "band", "oracle", "attacks", "tasks")
 
 
 @app.command()
@@ -256,7 +265,8 @@ def unlearn(
     previous: Annotated[Path | None, Opt("--previous", help="An earlier run to continue from (a later request): "
                                          "its model, and its ledger of forgotten sequences re-audited.")] = None,
     general: General = None, config: Config = None, lr: Lr = None, max_steps: MaxSteps = None, stop: Stop = None,
-    retain_loss: RetainLoss = None, retain_weight: RetainWeight = None, lora: Lora = None,
+    target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
+    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, lora: Lora = None,
     mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
     prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, el_sets: MaybeStr = None, band: MaybeStr = None,
@@ -271,14 +281,17 @@ def unlearn(
 
     flags = {key: value for key, value in locals().items() if key in SETTING_KEYS}
     settings = unlearn_settings(config, {**flags, "method_args": parse_method_args(method_arg)})
+    neighbours = neighbours or config_value(config, "neighbours")
     model = model_of(model, previous)
     check_out_folder(out, resume)
     sets = load_sets(forget=forget, holdout=holdout, retain=retain)
+    neighbour_set = load_sets(neighbours=neighbours).get("neighbours")
     general_set = load_general(general)
     runtime = make_runtime(device, dtype)
     result = run_unlearn(model, sets, general_set, settings, runtime, out, resume=resume, show_text=show_text,
                          load_options={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code},
-                         previous=previous, sources=sources_of(forget=forget, holdout=holdout))
+                         previous=previous, neighbours=neighbour_set,
+                         sources=sources_of(forget=forget, holdout=holdout, retain=retain, neighbours=neighbours))
     print_run(result)
     return 0 if result.target_reached else 3
 
@@ -290,7 +303,8 @@ def compare(
     model: Model, method_arg: CompareMethodArg = None,
     holdout: Holdout = None, retain: Retain = None,
     general: General = None, config: Config = None, lr: Lr = None, max_steps: MaxSteps = None, stop: Stop = None,
-    retain_loss: RetainLoss = None, retain_weight: RetainWeight = None, lora: Lora = None,
+    target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
+    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, lora: Lora = None,
     mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
     prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, el_sets: MaybeStr = None, band: MaybeStr = None,
@@ -316,12 +330,15 @@ def compare(
         raise InputError(f"--out {out}: exists and is not a folder")
     if (out / "runs").exists() and any((out / "runs").iterdir()):
         raise InputError(f"--out {out}: already holds runs; choose a new folder")
+    neighbours = neighbours or config_value(config, "neighbours")
     sets = load_sets(forget=forget, holdout=holdout, retain=retain)
+    neighbour_set = load_sets(neighbours=neighbours).get("neighbours")
     general_set = load_general(general)
     runtime = make_runtime(device, dtype)
     results = run_compare(model, sets, general_set, runs, runtime, out, show_text=show_text,
                           load_options={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code},
-                          sources=sources_of(forget=forget, holdout=holdout))
+                          neighbours=neighbour_set,
+                          sources=sources_of(forget=forget, holdout=holdout, retain=retain, neighbours=neighbours))
     console.print(compare_table(ranked(rows_of(results, names))))
     console.print(f"Wrote {out / 'compare.json'} and {out / 'report.html'}")
     return 0 if all(r.target_reached for r in results) else 3
@@ -351,26 +368,42 @@ AUDIT_KEYS = ("max_tokens", "prefix_tokens", "el_n", "el_sets", "band", "batch_s
 EVALUATION_KEYS = ("oracle", "attacks", "tasks", "task_limit")
 
 
+# Keys of the --config YAML that name set files rather than settings (a flag wins over each).
+CONFIG_SETS = ("neighbours",)
+
+
+def read_config(config: Path) -> dict:
+    """The --config YAML as {option name: value}; InputError (exit 2) when missing, bad or not a mapping."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(config.read_text())
+    except FileNotFoundError:
+        raise InputError(f"--config {config}: file not found") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"--config {config}: bad YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise InputError(f"--config {config}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def config_value(config: Path | None, key: str):
+    """A set file named in the --config YAML (`neighbours:`), None when there is no config or no such key."""
+    value = read_config(config).get(key) if config is not None else None
+    return None if value is None else str(value)
+
+
 def unlearn_settings(config: Path | None, flags: dict, compared: list[str] | None = None):
     """Defaults, then the --config YAML, then the flags given on the command line (`method_args`: the YAML's
     updated by the flags'). `compared`: the methods of a `compare`, whose options are picked out of the
     method args (`method_args_for`)."""
-    import yaml
     from pydantic import ValidationError
 
     from .runs.config import UnlearnSettings
 
     values: dict = {}
     if config is not None:
-        try:
-            loaded = yaml.safe_load(config.read_text())
-        except FileNotFoundError:
-            raise InputError(f"--config {config}: file not found") from None
-        except yaml.YAMLError as error:
-            raise InputError(f"--config {config}: bad YAML ({str(error).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise InputError(f"--config {config}: expected a mapping of option names to values")
-        values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        values = {k: v for k, v in read_config(config).items() if k not in CONFIG_SETS}
     if not isinstance(values.get("method_args") or {}, dict):
         raise InputError(f"--config {config}: method_args must be a mapping of option names to values")
     method_args = {**(values.get("method_args") or {}), **(flags.get("method_args") or {})}
@@ -485,13 +518,16 @@ def print_run(result) -> None:
 def demo(out: Annotated[Path, Opt("--out", help="Demo folder.")] = Path("unmemorize-demo"),
          oracle: Annotated[bool, Opt("--oracle", help="Also build the oracle (victim without the request).")] = False,
          attacks: Annotated[bool, Opt("--attacks", help="Also attack both unlearned models.")] = False,
+         rebuild: Annotated[bool, Opt("--rebuild", help="Train the victim (and the oracle) from scratch instead "
+                                      "of merging the adapter shipped in the package (minutes to half an "
+                                      "hour on a CPU).")] = False,
          device: Device = "auto", dtype: Dtype = "auto") -> None:
     """The main job on the embedded default: victim, audit, unlearn (sga vs the aggregate rule), compare."""
     from .io.models import make_runtime
     from .runs.demo import run_demo
 
     check_out(out)
-    run_demo(out, make_runtime(device, dtype), console, oracle=oracle, attacks=attacks)
+    run_demo(out, make_runtime(device, dtype), console, oracle=oracle, attacks=attacks, rebuild=rebuild)
 
 
 @app.command()
@@ -622,7 +658,7 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
         options_table.add_row(key, ", ".join(names), default, text)
     console.print(options_table)
     console.print("Any gradient method also takes --retain-loss none|nll|kl, --retain-weight, --lora R, "
-                  "--mask-fraction F, --stop band|mean|steps, --max-steps.")
+                  "--mask-fraction F, --stop band|mean|steps, --target ma|indistinguishable, --max-steps.")
 
 
 def _print_version(value: bool) -> None:

@@ -62,22 +62,36 @@ def encode(tokenizer, sequences: Sequence[TextSequence], max_tokens: int, set_na
 MUST_NOT_SHARE = (
     ("holdout", "the band would be calibrated on the data being deleted"),
     ("retain", "the run would be told to keep what it deletes"),
+    ("neighbours", "the run would be told to keep what it deletes"),
+)
+# The sets that must not share a sequence with the holdout: the band is calibrated on text never trained on.
+MUST_NOT_SHARE_HOLDOUT = (
+    ("neighbours", "the band would be calibrated on text the run trains on"),
 )
 
 
 def check_disjoint(token_ids: Mapping[str, Sequence[Sequence[int]] | None],
                    sets: Mapping[str, Sequence[TextSequence]]) -> None:
-    """Refuse a holdout or a retain set that shares sequences with the forget set, compared by token ids (after
-    truncation, as they are measured). One InputError names the files, how many sequences they share and one
-    example. `token_ids[name][k]` are the ids of `sets[name][k]`; sets that are absent (or None) pass."""
-    forget = token_ids.get("forget")
-    if not forget:
-        return
+    """Refuse a holdout, a retain set or neighbours that share sequences with the forget set, and neighbours that
+    share sequences with the holdout, compared by token ids (after truncation, as they are measured). One
+    InputError names the files, how many sequences they share and one example. `token_ids[name][k]` are the ids
+    of `sets[name][k]`; sets that are absent (or None) pass."""
+    problems = [*_shared(token_ids, sets, "forget", MUST_NOT_SHARE),
+                *_shared(token_ids, sets, "holdout", MUST_NOT_SHARE_HOLDOUT)]
+    if problems:
+        raise InputError("; ".join(problems))
+
+
+def _shared(token_ids, sets, base: str, rules) -> list[str]:
+    """What each set of `rules` shares with the set `base`, one sentence each."""
+    base_ids = token_ids.get(base)
+    if not base_ids:
+        return []
     first_of = {}
-    for index, ids in enumerate(forget):
+    for index, ids in enumerate(base_ids):
         first_of.setdefault(tuple(ids), index)
     problems = []
-    for name, consequence in MUST_NOT_SHARE:
+    for name, consequence in rules:
         ids_of_set = token_ids.get(name)
         if not ids_of_set:
             continue
@@ -85,11 +99,10 @@ def check_disjoint(token_ids: Mapping[str, Sequence[Sequence[int]] | None],
         if shared:
             k, f = shared[0]
             problems.append(
-                f"--{name} {source_of(sets[name], name)} shares {len(shared)} sequence(s) with --forget "
-                f"{source_of(sets['forget'], 'forget')} (the same token ids after truncation; e.g. id "
-                f"{sets[name][k].id!r} is forget id {sets['forget'][f].id!r}): {consequence}; remove them")
-    if problems:
-        raise InputError("; ".join(problems))
+                f"--{name} {source_of(sets[name], name)} shares {len(shared)} sequence(s) with --{base} "
+                f"{source_of(sets[base], base)} (the same token ids after truncation; e.g. id "
+                f"{sets[name][k].id!r} is {base} id {sets[base][f].id!r}): {consequence}; remove them")
+    return problems
 
 
 def pad(token_lists: Sequence[Sequence[int]], pad_id: int, left: bool = False,

@@ -1,4 +1,5 @@
-"""The audit: every per-sequence measure for every set, the band from the holdout, statuses, privacy AUCs."""
+"""The audit: every per-sequence measure for every set, the bands from the holdout (MA and loss), statuses,
+privacy AUCs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,21 @@ from ..io.files import atomic_write_text
 from ..io.models import Runtime, make_runtime
 from ..io.sets import Sequence
 from ..io.tokens import check_disjoint, encode, pad_id_of
-from .band import DEFAULT_RULE, EXTRACTABLE, IN_BAND, OVER_UNLEARNED, Band, calibrate, check_rule
+from .band import (
+    DEFAULT_RULE,
+    EXTRACTABLE,
+    IN_BAND,
+    INDISTINGUISHABLE,
+    MA_TARGET,
+    MEMORIZED,
+    OVER_UNLEARNED,
+    TARGETS,
+    Band,
+    LossBand,
+    calibrate,
+    calibrate_loss,
+    check_rule,
+)
 from .extraction import DECODE_BATCH_FACTOR, extraction_likelihoods
 from .privacy import privacy_report
 from .scoring import TokenScores, score_tokens
@@ -32,7 +47,8 @@ class AuditSettings(BaseModel):
     el_sets: list[str] | None = Field(["forget", "earlier"], description="Sets that get EL (None: every set). "
                                       "EL is the decoding of every prefix: on unseen text, where every prefix "
                                       "diverges at once, it costs most and flags nothing the band does not.")
-    band: str = Field(DEFAULT_RULE, description="quantile:LO,HI | meanstd:K | mean, on the holdout MA.")
+    band: str = Field(DEFAULT_RULE, description="quantile:LO,HI | meanstd:K | mean, on the holdout MA (and, the "
+                      "same rule, on the holdout loss).")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
 
@@ -63,6 +79,7 @@ class SequenceResult:
     mink: float
     minkpp: float
     status: str | None = None
+    loss_status: str | None = None  # against the loss band: memorized (loss under it), in_band, over_unlearned
     text: str = field(default="", repr=False)
     # The per-token scores the row was computed from: the unlearning loop starts from them (step-0 scores and
     # band, NPO's reference) instead of scoring the unchanged model again. Never written to a file.
@@ -77,6 +94,7 @@ class AuditResult:
     sequences: list[SequenceResult]
     privacy: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # evaluations beside the audit: "oracle", "attacks", "decoding"
+    loss_band: LossBand | None = None  # the same rule on the holdout loss (None without a holdout)
 
     def of(self, set_name: str) -> list[SequenceResult]:
         return [s for s in self.sequences if s.set == set_name]
@@ -92,14 +110,28 @@ class AuditResult:
                    "extractable": counts[EXTRACTABLE], "verbatim": sum(r.verbatim for r in rows),
                    "over_unlearned": counts[OVER_UNLEARNED], "in_band": counts[IN_BAND],
                    "mean_loss": float(np.mean([r.loss for r in rows]))}
+        loss_counts = {status: sum(r.loss_status == status for r in rows)
+                       for status in (MEMORIZED, IN_BAND, OVER_UNLEARNED)}
+        summary.update({"loss_memorized": loss_counts[MEMORIZED], "loss_in_band": loss_counts[IN_BAND],
+                        "loss_over_unlearned": loss_counts[OVER_UNLEARNED]})
         summary["mean_el"] = {n: _mean_or_none([r.el.get(n) for r in rows]) for n in self.settings["el_n_keys"]}
         return summary
 
     @property
     def target_reached(self) -> bool:
-        """SPEC: no forget sequence above the band and none verbatim."""
-        forget = self.summary("forget")
-        return forget["extractable"] == 0 and forget["verbatim"] == 0
+        """SPEC's `ma` target: no forget sequence above the band and none verbatim."""
+        return self.reached(MA_TARGET)
+
+    def reached(self, target: str = MA_TARGET, set_name: str = "forget") -> bool:
+        """Whether `set_name` meets `target`: `ma` (none extractable, none verbatim) or `indistinguishable`
+        (`ma`, and every sequence's loss in the loss band)."""
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+        summary = self.summary(set_name)
+        reached = summary["extractable"] == 0 and summary["verbatim"] == 0
+        if target == INDISTINGUISHABLE:
+            reached = reached and summary["loss_in_band"] == summary["n"]
+        return reached
 
     def to_json(self, show_text: bool = False) -> dict:
         sequences = []
@@ -113,6 +145,7 @@ class AuditResult:
         settings = {k: v for k, v in self.settings.items() if k != "el_n_keys"}
         return {"model": self.model, "settings": settings,
                 "band": None if self.band is None else self.band.to_json(),
+                "loss_band": None if self.loss_band is None else self.loss_band.to_json(),
                 "sets": {name: self.summary(name) for name in self.set_names()},
                 "privacy": self.privacy, **self.extra, "sequences": sequences}
 
@@ -121,11 +154,11 @@ class AuditResult:
         el_keys = self.settings["el_n_keys"]
         writer = csv.writer(buffer)
         writer.writerow(["set", "id", "hash", "n_tokens", "ma", *[f"el_{n}" for n in el_keys], "verbatim",
-                         "loss", "zlib", "mink", "minkpp", "status"])
+                         "loss", "zlib", "mink", "minkpp", "status", "loss_status"])
         for r in self.sequences:
             writer.writerow([r.set, r.id, r.hash, r.n_tokens, f"{r.ma:.6f}", *[r.el.get(n) for n in el_keys],
                              r.verbatim, f"{r.loss:.6f}", f"{r.zlib:.6f}", f"{r.mink:.6f}", f"{r.minkpp:.6f}",
-                             r.status])
+                             r.status, r.loss_status])
         return buffer.getvalue()
 
     def write(self, folder: Path, name: str = "audit", show_text: bool = False) -> None:
@@ -192,7 +225,8 @@ def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSett
           token_ids: dict[str, list[list[int]]] | None = None) -> AuditResult:
     """Measure every sequence of every set (keys: forget, holdout, retain, ...) under `model`.
 
-    The band is calibrated on this model's holdout MA. `reference` is an audit of the original model; with
+    The band is calibrated on this model's holdout MA, the loss band on its holdout loss (same rule): each row
+    gets `status` (MA) and `loss_status` (loss). `reference` is an audit of the original model; with
     it, the privacy report adds the `ref` attack (loss minus the original model's loss). `shard` (rank, world)
     under torch.distributed: every process measures its share of the sequences and every process gets the
     whole result (every process of the group must call it).
@@ -203,14 +237,17 @@ def audit(model, tokenizer, sets: dict[str, list[Sequence]], settings: AuditSett
     rows = measure_rows(model, tokenizer, sets, settings, runtime, pad_id, shard, token_ids)
     if shard is not None and shard[1] > 1:
         rows = gather_rows(rows, sets, shard[1])
-    band = None
+    band = loss_band = None
     if "holdout" in sets:
-        band = calibrate(settings.band, [r.ma for r in rows if r.set == "holdout"])
+        holdout = [r for r in rows if r.set == "holdout"]
+        band = calibrate(settings.band, [r.ma for r in holdout])
+        loss_band = calibrate_loss(settings.band, [r.loss for r in holdout])
         for r in rows:
             r.status = band.status(r.ma)
+            r.loss_status = loss_band.status(r.loss)
     stored = settings.model_dump()
     stored["el_n_keys"] = [str(n) for n in settings.el_n]
-    result = AuditResult(model=model_info or {}, settings=stored, band=band, sequences=rows)
+    result = AuditResult(model=model_info or {}, settings=stored, band=band, sequences=rows, loss_band=loss_band)
     if "forget" in sets and "holdout" in sets:
         result.privacy = privacy_report(_scores(result, "forget", reference), _scores(result, "holdout", reference),
                                         settings.seed)

@@ -1,7 +1,18 @@
-"""The band of "looks unseen", calibrated on the holdout MA of the model being measured, and statuses.
+"""The band of "looks unseen", calibrated on the holdout MA (and loss) of the model being measured, and statuses.
 
 An attacker compares a sequence with unseen data under the same model, so the band always comes from the
 holdout as the current model sees it (unlearning lowers memorization of unseen text too).
+
+Two bands, one `--band` rule, the same holdout and model:
+
+    MA band    (`calibrate`)       MA > upper: extractable;      MA < lower: over_unlearned;   else in_band
+    loss band  (`calibrate_loss`)  loss < lower: memorized;      loss > upper: over_unlearned; else in_band
+
+The loss band runs the other way (memorized = too likely = loss too low). Its edges are the same statistics of
+the holdout's per-sequence loss (mean token NLL) as the MA band's of the holdout MA: `quantile:LO,HI` the LO and
+HI quantiles, `meanstd:K` mean -+ K population std, and `mean` (the aggregate rule) only the edge on the side of
+memorization: upper = mean MA for the MA band, lower = mean loss for the loss band. A value equal to an edge is
+in the band.
 """
 
 from __future__ import annotations
@@ -14,6 +25,11 @@ import numpy as np
 from ..errors import InputError
 
 EXTRACTABLE, IN_BAND, OVER_UNLEARNED = "extractable", "in_band", "over_unlearned"
+MEMORIZED = "memorized"  # loss status: loss under the loss band
+# Unlearning targets (`--target`): `ma` = no forget sequence extractable or verbatim (the paper's);
+# `indistinguishable` = `ma`, and every forget sequence's loss status `in_band`.
+MA_TARGET, INDISTINGUISHABLE = "ma", "indistinguishable"
+TARGETS = (MA_TARGET, INDISTINGUISHABLE)
 DEFAULT_RULE = "quantile:0.05,0.95"
 
 
@@ -53,16 +69,54 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-def calibrate(rule: str, holdout_ma: Sequence[float]) -> Band:
-    values = np.asarray(holdout_ma, dtype=float)
+@dataclass(frozen=True)
+class LossBand:
+    """The band of holdout loss (mean token NLL): below it a sequence is too likely (`memorized`), above it
+    unusually unlikely (`over_unlearned`). `upper` is None under the `mean` rule."""
+
+    rule: str
+    lower: float | None
+    upper: float | None
+    n: int
+
+    def status(self, loss: float) -> str:
+        if self.lower is not None and loss < self.lower:
+            return MEMORIZED
+        if self.upper is not None and loss > self.upper:
+            return OVER_UNLEARNED
+        return IN_BAND
+
+    def to_json(self) -> dict:
+        return {"rule": self.rule, "lower": self.lower, "upper": self.upper, "calibrated_on": "holdout", "n": self.n,
+                "score": "loss"}
+
+
+def _edges(rule: str, values: np.ndarray) -> tuple[float, float]:
+    """(lower, upper) of `values` under `rule`; for `mean` both are the mean (the caller drops one)."""
     kind, _, args = check_rule(rule).partition(":")
     if kind == "quantile":
         lo, hi = (float(v) for v in args.split(","))
         # numpy's default (linear) interpolation, as SPEC fixes it.
-        lower, upper = float(np.quantile(values, lo)), float(np.quantile(values, hi))
-    elif kind == "meanstd":
-        k, mean, std = float(args), float(values.mean()), float(values.std())  # population std (ddof=0)
-        lower, upper = mean - k * std, mean + k * std
-    else:  # "mean": the aggregate rule of Jang et al., no lower bound
-        lower, upper = None, float(values.mean())
+        return float(np.quantile(values, lo)), float(np.quantile(values, hi))
+    mean = float(values.mean())
+    if kind == "meanstd":
+        k, std = float(args), float(values.std())  # population std (ddof=0)
+        return mean - k * std, mean + k * std
+    return mean, mean
+
+
+def calibrate(rule: str, holdout_ma: Sequence[float]) -> Band:
+    values = np.asarray(holdout_ma, dtype=float)
+    lower, upper = _edges(rule, values)
+    if rule == "mean":  # the aggregate rule of Jang et al.: no lower bound
+        lower = None
     return Band(rule, lower, upper, len(values))
+
+
+def calibrate_loss(rule: str, holdout_loss: Sequence[float]) -> LossBand:
+    """The loss band of `rule` on the holdout's per-sequence losses (`mean`: lower = the mean, no upper)."""
+    values = np.asarray(holdout_loss, dtype=float)
+    lower, upper = _edges(rule, values)
+    if rule == "mean":  # memorized = loss under the holdout mean; nothing counts as over-unlearned
+        upper = None
+    return LossBand(rule, lower, upper, len(values))

@@ -35,6 +35,8 @@ TOKEN_HASH = "sha256 of the token ids as little-endian int32 bytes, after trunca
 # How far the re-measured band may drift from the certified one (MA units) before the band claim fails: the
 # same model on the same holdout gives the same band, up to autocast rounding on other hardware.
 BAND_TOLERANCE = 0.05
+# The same for the loss band, in nats of mean token NLL.
+LOSS_BAND_TOLERANCE = 0.05
 REQUIRED = ("format", "format_version", "tool.version", "created", "method", "input_model.sha256",
             "output_model.sha256", "tokenizer.sha256", "audit", "band.upper", "holdout.sequences", "sequences",
             "claims.target_reached", "integrity.sha256")
@@ -73,7 +75,8 @@ def build_certificate(run: dict, before: AuditResult, after: AuditResult, forget
         b, a = rows_before[name], rows_after[name]
         sequences.append({"id": name, "sha256": ids_sha256(ids), "n_tokens": len(ids),
                           "status_before": b.status, "status_after": a.status, "verbatim_before": b.verbatim,
-                          "verbatim_after": a.verbatim, "ma_before": b.ma, "ma_after": a.ma})
+                          "verbatim_after": a.verbatim, "ma_before": b.ma, "ma_after": a.ma,
+                          "loss_status_before": b.loss_status, "loss_status_after": a.loss_status})
     summary = after.summary("forget")
     settings = {k: v for k, v in after.settings.items() if k != "el_n_keys"}
     certificate = {
@@ -91,6 +94,8 @@ def build_certificate(run: dict, before: AuditResult, after: AuditResult, forget
         "audit": settings,
         "band": after.band.to_json(),
         "band_before": before.band.to_json() if before.band else None,
+        "loss_band": after.loss_band.to_json() if after.loss_band else None,
+        "loss_band_before": before.loss_band.to_json() if before.loss_band else None,
         "holdout": {"n": len(holdout_ids), "mean_ma_before": before.summary("holdout")["mean_ma"],
                     "mean_ma_after": after.summary("holdout")["mean_ma"],
                     "sequences": [{"id": n, "sha256": ids_sha256(ids)}
@@ -101,7 +106,12 @@ def build_certificate(run: dict, before: AuditResult, after: AuditResult, forget
                    "no_extractable_after": summary["extractable"] == 0, "no_verbatim_after": summary["verbatim"] == 0,
                    "extractable_before": before.summary("forget")["extractable"],
                    "extractable_after": summary["extractable"], "verbatim_after": summary["verbatim"],
-                   "over_unlearned_after": summary["over_unlearned"], "n": summary["n"]},
+                   "over_unlearned_after": summary["over_unlearned"], "n": summary["n"],
+                   # the loss band: memorized on loss = loss under it; over-unlearned = loss above it
+                   "target": run.get("target", "ma"), "no_loss_memorized_after": summary["loss_memorized"] == 0,
+                   "loss_memorized_before": before.summary("forget")["loss_memorized"],
+                   "loss_memorized_after": summary["loss_memorized"],
+                   "loss_over_unlearned_after": summary["loss_over_unlearned"]},
         "attacks": {name: {"returned_extractable": int(result["returned_extractable"]),
                            "returned_verbatim": int(result["returned_verbatim"])}
                     for name, result in after.extra.get("attacks", {}).items()} or None,
@@ -166,6 +176,10 @@ def check_certificate(certificate, where: str = "certificate") -> None:
     if not isinstance(certificate["band"]["upper"], int | float) or \
             not isinstance(certificate["band"].get("lower"), int | float | None):
         raise InputError(f"--certificate {where}: band bounds must be numbers")
+    loss_band = certificate.get("loss_band")
+    if loss_band is not None and (not isinstance(loss_band, dict) or not all(
+            isinstance(loss_band.get(edge), int | float | None) for edge in ("lower", "upper"))):
+        raise InputError(f"--certificate {where}: loss_band bounds must be numbers or null")
     listed = (("sequences", certificate["sequences"]), ("holdout.sequences", certificate["holdout"]["sequences"]))
     for key, entries in listed:
         if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)

@@ -130,6 +130,7 @@ def run_context(folder: RunFolder, show_text: bool) -> dict:
         "utility": utility_rows(run.get("utility", {})),
         "privacy": privacy_rows(before.get("privacy", {}), after.get("privacy", {})),
         "bands": {"before": before.get("band"), "after": after.get("band")},
+        "loss_bands": {"before": before.get("loss_band"), "after": after.get("loss_band")},
         "sets": set_rows(before.get("sets", {}), after.get("sets", {})),
         "earlier": earlier_summary(run.get("earlier")),
         "plots": run_plots(folder, sequences),
@@ -153,6 +154,7 @@ def run_header(folder: RunFolder) -> list[tuple[str, str]]:
              ("input model", f"{source.get('source', '–')} (sha256 {short_sha(source.get('sha256'))})"),
              ("unlearned model", f"sha256 {short_sha(folder.after.get('model', {}).get('sha256'))}"),
              ("band rule", str((folder.after.get("band") or {}).get("rule", "–"))),
+             ("target", str(run.get("target") or settings.get("target") or "ma")),
              ("stop rule", str(settings.get("stop", "–"))), ("steps", str(run.get("steps", "–")))]
     if run.get("lambda") is not None:
         items.append(("λ (task vector)", f"{run['lambda']:.3f}"))
@@ -176,6 +178,13 @@ def summary_cards(folder: RunFolder) -> list[dict]:
         tone = "neutral" if after is None else "good" if after == 0 else "warn" if key == "over_unlearned" else "bad"
         cards.append(card(label, f"{fmt(fb.get(key))} → {fmt(after)}", f"of {fmt(fa.get('n', fb.get('n')))} forget "
                           "sequences", tone))
+    for key, label in (("loss_memorized", "Memorized on loss"), ("loss_over_unlearned", "Over-unlearned on loss")):
+        if key not in fa and key not in fb:  # runs made before the loss band
+            continue
+        after = fa.get(key)
+        tone = "neutral" if after is None else "good" if after == 0 else "warn" if "over" in key else "bad"
+        cards.append(card(label, f"{fmt(fb.get(key))} → {fmt(after)}", f"of {fmt(fa.get('n', fb.get('n')))} forget "
+                          "sequences, against the loss band", tone))
     cards += utility_cards(run.get("utility", {}))
     cards += privacy_cards(folder.before.get("privacy", {}), folder.after.get("privacy", {}))
     cards.append(cost_card(run))
@@ -301,7 +310,8 @@ def set_rows(before: dict, after: dict) -> list[dict]:
         rows.append({"name": name, "n": a.get("n", b.get("n")), "mean_before": fmt(b.get("mean_ma"), 3),
                      "mean_after": fmt(a.get("mean_ma"), 3),
                      **{f"{key}_text": f"{fmt(b.get(key))} → {fmt(a.get(key))}"
-                        for key in ("extractable", "verbatim", "over_unlearned")}})
+                        for key in ("extractable", "verbatim", "over_unlearned", "loss_memorized",
+                                    "loss_over_unlearned")}})
     return rows
 
 
@@ -338,6 +348,7 @@ def sequence_rows(before: dict, after: dict, show_text: bool) -> list[dict]:
         row = {"set": key[0], "id": str(key[1]), "hash": a.get("hash") or b.get("hash") or "",
                "n_tokens": a.get("n_tokens", b.get("n_tokens")), "ma_before": b.get("ma"), "ma_after": a.get("ma"),
                "status_before": b.get("status"), "status_after": a.get("status"),
+               "loss_status_before": b.get("loss_status"), "loss_status_after": a.get("loss_status"),
                "verbatim_before": b.get("verbatim"), "verbatim_after": a.get("verbatim"),
                "loss_before": b.get("loss"), "loss_after": a.get("loss"),
                "el_before": (b.get("el") or {}).get(first), "el_after": (a.get("el") or {}).get(first)}
@@ -496,6 +507,9 @@ def compare_row(name: str, folder: RunFolder, out_dir: Path) -> dict:
     return {"name": name, "method": run.get("method", "–"), "target_reached": bool(run.get("target_reached")),
             "extractable_before": fb.get("extractable"), "extractable_after": fa.get("extractable"),
             "verbatim_after": fa.get("verbatim"), "over_unlearned_after": fa.get("over_unlearned"),
+            "target": run.get("target") or (run.get("settings") or {}).get("target") or "ma",
+            "loss_memorized_after": fa.get("loss_memorized"),
+            "loss_over_unlearned_after": fa.get("loss_over_unlearned"),
             "mean_ma": fa.get("mean_ma"), "utility_loss": utility_loss(utility),
             "retain_ma_after": after.get("retain_ma"), "general_ppl_after": after.get("general_ppl"),
             "umia_after": folder.after.get("privacy", {}).get("umia_auc"), "steps": run.get("steps"),

@@ -10,15 +10,17 @@ from rich.table import Table
 if TYPE_CHECKING:
     from ..measure.audit import AuditResult
 
-STATUS_STYLE = {"extractable": "bold red", "in_band": "green", "over_unlearned": "yellow", None: "dim"}
+STATUS_STYLE = {"extractable": "bold red", "memorized": "bold red", "in_band": "green", "over_unlearned": "yellow",
+                None: "dim"}
 
 
 def audit_table(result: AuditResult, sets: tuple[str, ...] = ("forget",), show_text: bool = False,
                 title: str = "Per-sequence memorization") -> Table:
     el_keys = result.settings["el_n_keys"]
     table = Table(title=title, title_justify="left")
-    for column in ("set", "id", "hash", "tokens", "MA", *[f"EL{n}" for n in el_keys], "verbatim", "loss", "status"):
-        table.add_column(column, justify="right" if column not in ("set", "id", "status") else "left")
+    for column in ("set", "id", "hash", "tokens", "MA", *[f"EL{n}" for n in el_keys], "verbatim", "loss", "status",
+                   "loss status"):
+        table.add_column(column, justify="right" if column not in ("set", "id", "status", "loss status") else "left")
     if show_text:
         table.add_column("text", overflow="fold")
     for row in result.sequences:
@@ -27,19 +29,22 @@ def audit_table(result: AuditResult, sets: tuple[str, ...] = ("forget",), show_t
         els = ["-" if row.el.get(n) is None else f"{row.el[n]:.2f}" for n in el_keys]
         cells = [row.set, row.id, row.hash, str(row.n_tokens), f"{row.ma:.3f}", *els,
                  "yes" if row.verbatim else "no", f"{row.loss:.3f}",
-                 f"[{STATUS_STYLE[row.status]}]{row.status or '-'}[/]"]
+                 f"[{STATUS_STYLE[row.status]}]{row.status or '-'}[/]",
+                 f"[{STATUS_STYLE[row.loss_status]}]{row.loss_status or '-'}[/]"]
         table.add_row(*cells, *([row.text] if show_text else []))
     return table
 
 
 def sets_table(result: AuditResult) -> Table:
     table = Table(title="Sets", title_justify="left")
-    for column in ("set", "n", "mean MA", "max MA", "extractable", "verbatim", "over-unlearned"):
+    for column in ("set", "n", "mean MA", "max MA", "extractable", "verbatim", "over-unlearned", "mean loss",
+                   "loss memorized", "loss over-unlearned"):
         table.add_column(column, justify="left" if column == "set" else "right")
     for name in result.set_names():
         s = result.summary(name)
         table.add_row(name, str(s["n"]), f"{s['mean_ma']:.3f}", f"{s['max_ma']:.3f}", str(s["extractable"]),
-                      str(s["verbatim"]), str(s["over_unlearned"]))
+                      str(s["verbatim"]), str(s["over_unlearned"]), f"{s['mean_loss']:.3f}",
+                      str(s["loss_memorized"]), str(s["loss_over_unlearned"]))
     return table
 
 
@@ -52,11 +57,19 @@ def print_audit(result: AuditResult, console: Console, show_text: bool = False) 
     band = result.band
     lower = "-" if band.lower is None else f"{band.lower:.3f}"
     console.print(f"Band ({band.rule}, from {band.n} holdout sequences): MA in [{lower}, {band.upper:.3f}]")
+    if result.loss_band is not None:
+        loss = result.loss_band
+        console.print(f"Loss band (same rule and holdout): loss in [{_edge(loss.lower)}, {_edge(loss.upper)}]; "
+                      "under it: memorized, above it: over-unlearned")
     if result.privacy:
         p = result.privacy
         aucs = "  ".join(f"{k[:-4]} {p[k]:.2f} [{p[k + '_ci'][0]:.2f}, {p[k + '_ci'][1]:.2f}]"
                          for k in p if k.endswith("_auc"))
         console.print(f"Membership AUC forget vs holdout: {aucs}")
+
+
+def _edge(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def print_oracle(result: AuditResult, console: Console) -> None:
@@ -87,13 +100,21 @@ def attack_table(attacks: dict, baseline: AuditResult, title: str = "Attacks") -
 def compare_table(rows: list[dict], title: str = "Methods compared (best first)") -> Table:
     """compare.json's rows: target, what is left of the request, utility, cost."""
     table = Table(title=title, title_justify="left")
-    for column in ("run", "target", "extractable", "verbatim", "over-unlearned", "retain MA", "general ppl",
-                   "utility loss", "steps", "seconds"):
+    for column in ("run", "target", "extractable", "verbatim", "over-unlearned", "loss memorized",
+                   "loss over-unlearned", "retain MA", "general ppl", "utility loss", "steps", "seconds"):
         table.add_column(column, justify="left" if column in ("run", "target") else "right")
     for r in rows:
         retain = "-" if r["retain_ma"] is None else f"{r['retain_ma_before']:.3f} → {r['retain_ma']:.3f}"
-        table.add_row(r["run"], "[green]reached[/]" if r["target_reached"] else "[red]not reached[/]",
-                      f"{r['extractable_before']} → {r['extractable']}", f"{r['verbatim_before']} → {r['verbatim']}",
-                      str(r["over_unlearned"]), retain, f"{r['general_ppl_before']:.2f} → {r['general_ppl']:.2f}",
-                      f"{r['utility_loss']:.1%}", str(r["steps"]), f"{r['seconds']:.0f}")
+        target = f" ({r['target']})" if r.get("target") else ""
+        reached = f"[green]reached{target}[/]" if r["target_reached"] else f"[red]not reached{target}[/]"
+        loss_memorized = f"{_count(r.get('loss_memorized_before'))} → {_count(r.get('loss_memorized'))}"
+        table.add_row(r["run"], reached, f"{r['extractable_before']} → {r['extractable']}",
+                      f"{r['verbatim_before']} → {r['verbatim']}", str(r["over_unlearned"]), loss_memorized,
+                      _count(r.get("loss_over_unlearned")), retain,
+                      f"{r['general_ppl_before']:.2f} → {r['general_ppl']:.2f}", f"{r['utility_loss']:.1%}",
+                      str(r["steps"]), f"{r['seconds']:.0f}")
     return table
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)

@@ -80,6 +80,8 @@ def comparison_row(name: str, run: dict, before: dict, after: dict) -> dict:
             "extractable_before": before["extractable"], "extractable": after["extractable"],
             "verbatim_before": before["verbatim"], "verbatim": after["verbatim"],
             "over_unlearned": after["over_unlearned"], "forget_mean_ma": after["mean_ma"],
+            "target": run.get("target", "ma"), "loss_memorized_before": before.get("loss_memorized"),
+            "loss_memorized": after.get("loss_memorized"), "loss_over_unlearned": after.get("loss_over_unlearned"),
             "retain_ma_before": u0["retain_ma"], "retain_ma": u1["retain_ma"],
             "general_ppl_before": u0["general_ppl"], "general_ppl": u1["general_ppl"],
             "utility_loss": max(0.0, utility_drop(u0, u1)), "steps": run["steps"], "seconds": run["seconds"],

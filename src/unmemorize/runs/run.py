@@ -24,7 +24,7 @@ from ..evaluate.oracle import oracle_report
 from ..evaluate.suite import audit_oracle, evaluate_audit, model_utility
 from ..io.files import atomic_write_text
 from ..io.models import Runtime, load_model, save_checkpoint, state_sha256
-from ..io.sets import Sequence
+from ..io.sets import Sequence, source_of
 from ..io.tokens import check_disjoint, encode, pad_id_of
 from ..measure.audit import AuditResult, audit
 from ..report import render_run_report
@@ -66,7 +66,8 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
             runtime: Runtime, out: Path, *, resume: bool = False, load_options: dict | None = None,
             show_text: bool = False, before: AuditResult | None = None, before_utility: dict | None = None,
             previous: Path | None = None, sources: dict[str, str] | None = None,
-            loaded: tuple | None = None, oracle_audit: AuditResult | None = None) -> RunResult:
+            loaded: tuple | None = None, oracle_audit: AuditResult | None = None,
+            neighbours: list[Sequence] | None = None) -> RunResult:
     """Unlearn `sets["forget"]` from the model at `model_spec`; write the run folder `out`.
 
     `before` may hold an audit the caller already made of this model with these sets and settings (the demo
@@ -77,6 +78,9 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     them (paths, never text) so later requests and `verify` can re-read them. `loaded` is (model, tokenizer)
     already loaded from `model_spec` (compare loads it once): the run unlearns a deep copy and never changes it.
     `oracle_audit` is an audit of `--oracle` with these sets and settings (compare audits it once).
+    `neighbours` (`--neighbours`) is unseen in-domain text kept as it was: the loop adds neighbour_weight * KL to
+    the original model on it; it is not audited, must share no sequence with the forget set or the holdout (the
+    holdout only calibrates the band and is never trained on), and `sources["neighbours"]` names its file.
     """
     from accelerate import Accelerator
 
@@ -116,8 +120,10 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         holdout=encode(tokenizer, sets["holdout"], max_tokens, "holdout"),
         retain=encode(tokenizer, sets["retain"], max_tokens, "retain") if "retain" in sets else None,
         general=encode(tokenizer, general, max_tokens, "general"),
+        neighbours=encode(tokenizer, neighbours, max_tokens, "neighbours") if neighbours else None,
     )
-    check_disjoint({"forget": tokens.forget[:requested], "holdout": tokens.holdout, "retain": tokens.retain}, sets)
+    check_disjoint({"forget": tokens.forget[:requested], "holdout": tokens.holdout, "retain": tokens.retain,
+                    "neighbours": tokens.neighbours}, {**sets, "neighbours": neighbours or []})
     # Every audit of this run (before, after, the attacks') uses these ids: the sets are encoded once.
     token_ids = {"forget": tokens.forget[:requested], "earlier": tokens.forget[requested:],
                  "holdout": tokens.holdout, "retain": tokens.retain}
@@ -180,16 +186,21 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         # backward = the tokens of the gradient steps (and of the task vector's fine-tuning)
         "tokens": {"forward": counter.close(), "backward": outcome.tokens_trained},
         "peak_memory_mb": peak_memory_mb(), "peak_gpu_memory_mb": peak_gpu_memory_mb(),
-        "target_reached": reached(after), "stop_reason": outcome.stop_reason,
+        "target": settings.target, "target_reached": reached(after, settings.target),
+        "stop_reason": outcome.stop_reason,
         "restored_step": outcome.restored_step,
         "forget": {"extractable_before": before.summary("forget")["extractable"],
                    "extractable_after": after.summary("forget")["extractable"],
                    "verbatim_after": after.summary("forget")["verbatim"],
-                   "over_unlearned_after": after.summary("forget")["over_unlearned"]},
+                   "over_unlearned_after": after.summary("forget")["over_unlearned"],
+                   "loss_memorized_before": before.summary("forget")["loss_memorized"],
+                   "loss_memorized_after": after.summary("forget")["loss_memorized"],
+                   "loss_over_unlearned_after": after.summary("forget")["loss_over_unlearned"]},
         "utility": {"before": utility_before, "after": utility_after},
+        "sets": set_files(sets, neighbours, sources),
     }
     if requests:  # did the earlier requests stay forgotten? (MUSE's sustainability)
-        keys = ("n", "mean_ma", "extractable", "verbatim", "over_unlearned")
+        keys = ("n", "mean_ma", "extractable", "verbatim", "over_unlearned", "loss_memorized", "loss_over_unlearned")
         was, now = before.summary("earlier"), after.summary("earlier")
         run["previous"] = str(previous)
         run["earlier"] = {"requests": len(requests), "before": {k: was[k] for k in keys},
@@ -216,6 +227,17 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     return RunResult(out, before, after, run)
 
 
+def set_files(sets: dict[str, list[Sequence]], neighbours: list[Sequence] | None,
+              sources: dict[str, str] | None) -> dict[str, str | None]:
+    """Which file served which purpose (paths, never text): forget (deleted), band (the holdout, which
+    calibrates the band and is never trained on), retain (kept by the retain regularizer), neighbours (unseen
+    in-domain text kept by KL). None where a set was not given; the set's own source when `sources` lacks it."""
+    given = {**sets, "neighbours": neighbours}
+    purposes = {"forget": "forget", "band": "holdout", "retain": "retain", "neighbours": "neighbours"}
+    return {purpose: (sources or {}).get(name) or ((source_of(given[name], "") or None) if given.get(name) else None)
+            for purpose, name in purposes.items()}
+
+
 def audited_scores(audited: AuditResult, forget: list[str], holdout: list[str]) -> dict[str, list]:
     """The per-token scores an audit kept of its rows ({"forget": the rows of the sets `forget` in order,
     "holdout": ...}); empty when some row has none."""
@@ -224,12 +246,13 @@ def audited_scores(audited: AuditResult, forget: list[str], holdout: list[str]) 
     return scores if all(s is not None for rows in scores.values() for s in rows) else {}
 
 
-def reached(after: AuditResult) -> bool:
-    """SPEC's target on the request, and with earlier requests, none of theirs extractable or verbatim again."""
+def reached(after: AuditResult, target: str = "ma") -> bool:
+    """SPEC's `target` (ma or indistinguishable) on the request, and with earlier requests, on theirs too (the
+    loop drives them with the request): none extractable or verbatim again, and under `indistinguishable` every
+    loss in the loss band."""
     if "earlier" not in after.set_names():
-        return after.target_reached
-    earlier = after.summary("earlier")
-    return after.target_reached and earlier["extractable"] == 0 and earlier["verbatim"] == 0
+        return after.reached(target)
+    return after.reached(target) and after.reached(target, "earlier")
 
 
 _process_group = {"registered": False, "finished": False}

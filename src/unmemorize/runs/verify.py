@@ -17,8 +17,14 @@ from ..io.models import Runtime, state_sha256
 from ..io.sets import Sequence, load_set
 from ..io.tokens import encode
 from ..measure.audit import AuditResult, AuditSettings, audit
-from ..measure.band import EXTRACTABLE, OVER_UNLEARNED
-from ..report.certificate import BAND_TOLERANCE, body_sha256, check_certificate, tokenizer_fingerprint
+from ..measure.band import EXTRACTABLE, INDISTINGUISHABLE, MEMORIZED, OVER_UNLEARNED
+from ..report.certificate import (
+    BAND_TOLERANCE,
+    LOSS_BAND_TOLERANCE,
+    body_sha256,
+    check_certificate,
+    tokenizer_fingerprint,
+)
 
 
 @dataclass
@@ -81,9 +87,16 @@ def verify_certificate(certificate: dict, model, tokenizer, runtime: Runtime,
 
     stated = certificate["claims"]
     stated_ok = stated["target_reached"] and stated.get("no_extractable_after") and stated.get("no_verbatim_after")
-    claim("certified_target", stated_ok, "the certificate states the target was reached" if stated_ok else
-          f"the certificate itself states the target was not reached ({stated.get('extractable_after')} "
-          f"extractable, {stated.get('verbatim_after')} verbatim)")
+    on_loss = stated.get("target") == INDISTINGUISHABLE
+    if on_loss:  # the target also asks every loss inside the loss band
+        stated_ok = stated_ok and stated.get("no_loss_memorized_after") and \
+            stated.get("loss_over_unlearned_after") == 0
+    loss_counts = (f", {stated.get('loss_memorized_after')} memorized and {stated.get('loss_over_unlearned_after')} "
+                   "over-unlearned on loss") if on_loss else ""
+    claim("certified_target", stated_ok, f"the certificate states the target ({stated.get('target', 'ma')}) was "
+          "reached" if stated_ok else f"the certificate itself states the target ({stated.get('target', 'ma')}) was "
+          f"not reached ({stated.get('extractable_after')} extractable, {stated.get('verbatim_after')} verbatim"
+          f"{loss_counts})")
 
     result = audit(model, tokenizer, {"forget": sets["forget"], "holdout": sets["holdout"]}, settings, runtime)
     band, forget = result.band, result.of("forget")
@@ -100,11 +113,37 @@ def verify_certificate(certificate: dict, model, tokenizer, runtime: Runtime,
           if len(over) <= allowed else f"{len(over)} over-unlearned, more than the certified {allowed}: "
           f"{', '.join(over)}")
 
+    # The loss band (certificates made before it was certified have no such claims: nothing to check).
+    loss_band = result.loss_band
+    if "loss_memorized_after" in stated:
+        memorized = [r.id for r in forget if r.loss_status == MEMORIZED]
+        allowed = int(stated["loss_memorized_after"])
+        edge = f"the loss band's lower bound {_fmt(loss_band.lower)}"
+        claim("loss_memorized", len(memorized) <= allowed,
+              (f"no forget sequence is memorized on loss (every loss at or above {edge})" if not memorized else
+               f"{len(memorized)} memorized on loss (loss under {edge}; certified {allowed})")
+              if len(memorized) <= allowed else f"{len(memorized)} of {len(forget)} forget sequences are memorized "
+              f"on loss (loss under {edge}), more than the certified {allowed}: {', '.join(memorized)}")
+    if "loss_over_unlearned_after" in stated:
+        over_loss = [r.id for r in forget if r.loss_status == OVER_UNLEARNED]
+        allowed = int(stated["loss_over_unlearned_after"])
+        claim("loss_over_unlearned", len(over_loss) <= allowed,
+              f"{len(over_loss)} over-unlearned on loss (certified {allowed})" if len(over_loss) <= allowed else
+              f"{len(over_loss)} over-unlearned on loss (loss above the loss band's upper bound "
+              f"{_fmt(loss_band.upper)}), more than the certified {allowed}: {', '.join(over_loss)}")
+
     certified_band = certificate["band"]
     drift = _band_drift(certified_band, band.lower, band.upper)
     claim("band", drift <= BAND_TOLERANCE, f"band [{_fmt(band.lower)}, {band.upper:.4f}] re-measured on the "
           f"holdout; certified [{_fmt(certified_band.get('lower'))}, {certified_band['upper']:.4f}]"
           + ("" if drift <= BAND_TOLERANCE else f": moved by {drift:.4f} > {BAND_TOLERANCE}"))
+    certified_loss = certificate.get("loss_band")
+    if certified_loss:
+        drift = _band_drift(certified_loss, loss_band.lower, loss_band.upper)
+        claim("loss_band", drift <= LOSS_BAND_TOLERANCE, f"loss band [{_fmt(loss_band.lower)}, "
+              f"{_fmt(loss_band.upper)}] re-measured on the holdout; certified [{_fmt(certified_loss.get('lower'))}, "
+              f"{_fmt(certified_loss.get('upper'))}]"
+              + ("" if drift <= LOSS_BAND_TOLERANCE else f": moved by {drift:.4f} > {LOSS_BAND_TOLERANCE}"))
     return VerifyResult(claims, result)
 
 
@@ -142,12 +181,14 @@ def _match(set_name: str, sequences: list[Sequence], ids: list[list[int]], entri
     return False, f"the {set_name} set is not the certified one ({'; '.join(parts)})"
 
 
-def _band_drift(certified: dict, lower: float | None, upper: float) -> float:
-    drift = abs(upper - float(certified["upper"]))
-    if (lower is None) != (certified.get("lower") is None):
-        return float("inf")
-    if lower is not None:
-        drift = max(drift, abs(lower - float(certified["lower"])))
+def _band_drift(certified: dict, lower: float | None, upper: float | None) -> float:
+    """The largest move of either edge; infinite when an edge exists on one side only."""
+    drift = 0.0
+    for now, then in ((lower, certified.get("lower")), (upper, certified.get("upper"))):
+        if (now is None) != (then is None):
+            return float("inf")
+        if now is not None:
+            drift = max(drift, abs(now - float(then)))
     return drift
 
 

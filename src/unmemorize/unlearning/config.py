@@ -24,10 +24,17 @@ class LoopSettings(BaseModel):
     stop: Literal["band", "mean", "steps"] = Field("band", description="band: target reached; mean: forget mean "
                                                    "MA under holdout mean; steps: run --max-steps (task vector: "
                                                    "lambda = --max-lambda). See unlearn.target.")
+    target: Literal["ma", "indistinguishable"] = Field("ma", description="ma: no forget sequence extractable (MA "
+                                                       "above the band) or verbatim; indistinguishable: ma, and "
+                                                       "every forget sequence's loss inside the loss band too. See "
+                                                       "unlearning.target.")
     retain_loss: Literal["none", "nll", "kl"] | None = Field(None, description="Retain regularizer "
                                                              "(default: the method's).")
     retain_weight: float = Field(1.0, ge=0, description="Weight of the retain regularizer.")
     retain_batch: int = Field(12, ge=1, description="Retain sequences per step.")
+    neighbour_weight: float = Field(1.0, ge=0, description="Weight of KL(original || current) on a batch of "
+                                    "--neighbours (unseen in-domain text that must stay as it was) each step, "
+                                    "for any gradient method; unused without --neighbours.")
     lora: int = Field(0, ge=0, description="LoRA rank (0: train the weights themselves); merged on save.")
     mask_fraction: float = Field(0.0, ge=0, le=1, description="Train only this fraction of weights, those with the "
                                  "largest forget gradient (0: all).")

@@ -10,7 +10,7 @@ import torch
 
 from ..io.models import Runtime
 from ..io.tokens import pad
-from ..measure.band import Band
+from ..measure.band import Band, LossBand
 from ..measure.scoring import token_logprobs
 
 
@@ -21,6 +21,9 @@ class TokenSets:
     holdout: list[list[int]]
     retain: list[list[int]] | None
     general: list[list[int]]
+    neighbours: list[list[int]] | None = None
+    """Unseen in-domain text that must stay as it was (`--neighbours`): the loop adds neighbour_weight * KL to
+    the original model on a batch of them each step. Never the holdout, which calibrates the band."""
 
 
 @dataclass
@@ -65,6 +68,20 @@ class Batch:
         raise ValueError(f"unknown loss units {kind!r}")
 
 
+@dataclass(frozen=True)
+class StepState:
+    """What the loop measured before this step, for a method that steers each sequence: the bands of the last
+    calibration and, for every selected forget sequence (its index in the forget set), its direction
+    (`target.FORGET` = +1: push its loss up; `target.PULL_BACK` = -1: pull its loss back down)."""
+
+    band: Band
+    loss_band: LossBand
+    direction: dict[int, int]
+
+    def directions_of(self, batch: Batch) -> list[int]:
+        return [self.direction[i] for i in batch.indices]
+
+
 @dataclass
 class Context:
     model: torch.nn.Module
@@ -77,6 +94,8 @@ class Context:
     any step is not measured again: NPO's reference, the loop's step-0 scores and step-0 band."""
     changed: bool = False
     """Whether any stage has changed the weights yet (then `before` no longer describes the current model)."""
+    step: StepState | None = None
+    """Set by the loop before each step's loss (None outside the loop)."""
     _original: torch.nn.Module | None = field(default=None, repr=False)
 
     @property

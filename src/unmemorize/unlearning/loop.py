@@ -6,8 +6,11 @@ Reads top to bottom. Each step:
      target reached, the band is re-measured on the holdout under the *current* model (unlearning moves
      unseen data too); stop when the stop rule is met or at max_steps (the rules: `target`'s docstring);
   3. select the sequences that get gradient (the method's selection: every one, or only those still above
-     the band or verbatim);
-  4. loss = forget loss + retain_weight * retain regularizer; backward; Adam step;
+     the band or verbatim, and under `--target indistinguishable` those under the loss band; never those
+     over-unlearned on loss, except under `two_way`, which pulls them back) and tell the method, in
+     `ctx.step`, the bands and each selected sequence's direction (+1 forget, -1 pull back);
+  4. loss = forget loss + retain_weight * retain regularizer (+ neighbour_weight * KL to the original model
+     on a batch of `--neighbours`, unseen in-domain text, when given); backward; Adam step;
   5. log the step to trajectory.jsonl; every `guard_every` steps check utility and keep the best state;
      every `checkpoint_every` steps write a resumable checkpoint.
 All randomness of a step derives from (seed, step), so a resumed run replays an uninterrupted one exactly.
@@ -24,13 +27,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..measure.band import Band
+from ..measure.band import Band, LossBand
 from ..measure.utility import utility, utility_drop
 from ..progress import progress
 from .checkpoint import load_checkpoint, save_checkpoint
-from .context import Batch, Context, LoopOutcome, TokenSets
+from .context import Batch, Context, LoopOutcome, StepState, TokenSets
 from .retain import retain_loss
-from .target import NOTHING_LEFT, Target, selected
+from .target import NOTHING_LEFT, TWO_WAY, Target, directions, selected
 
 if TYPE_CHECKING:
     from .config import LoopSettings
@@ -42,7 +45,7 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
                      sets: TokenSets, work: Path, utility_before: dict, accelerator,
                      grad_mask: dict[torch.nn.Parameter, torch.Tensor] | None = None, *,
                      selection: str) -> LoopOutcome:
-    """Train `params` on `objective` until the stop rule; `selection` (target.ALL or target.BAND) says which
+    """Train `params` on `objective` until the stop rule; `selection` (target.ALL, BAND or TWO_WAY) says which
     forget sequences get gradient."""
     with progress("unlearning", settings.max_steps, status="scoring the request",
                   enabled=accelerator.is_main_process) as update:
@@ -59,7 +62,7 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
     model, audit = ctx.model, settings.audit
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(0.9, 0.98))  # Jang et al.
     objective.prepare(ctx)  # on the plain model: a frozen copy of a DDP wrapper cannot be made
-    if settings.retain_kind == "kl":
+    if settings.retain_kind == "kl" or sets.neighbours:
         ctx.keep_original()
     model, optimizer = accelerator.prepare(model, optimizer)
     ctx.model = model
@@ -67,7 +70,8 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
     state = load_checkpoint(work, model, optimizer)
     step = state.get("step", 0)
     target = Target(ctx, sets, settings, Band(**state["band"]) if "band" in state else None,
-                    state.get("holdout_mean"))
+                    state.get("holdout_mean"), LossBand(**state["loss_band"]) if state.get("loss_band") else None,
+                    pulls_back=selection == TWO_WAY)
     best = state.get("best") or {"step": 0, "extractable": None, "weights": snapshot(params)}
     tokens_trained = state.get("tokens_trained", 0)
     trajectory = work / "trajectory.jsonl"
@@ -77,7 +81,7 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
     def finish(reason: str, restored: int | None = None) -> LoopOutcome:
         if accelerator.is_main_process and restored is None:
             log_step(trajectory, step, None, ma, sets.forget_names, target.band, above,
-                     holdout_mean=target.holdout_mean)
+                     holdout_mean=target.holdout_mean, loss_band=_edges(target.loss_band))
         return LoopOutcome(step, reason, target.band, tokens_trained, restored)
 
     while True:
@@ -89,9 +93,10 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         reason = check.reason or target.out_of_steps(step)
         if reason:
             return finish(reason)
-        active = selected(selection, above, len(sets.forget))
+        active = selected(selection, above, len(sets.forget), check.over)
         if not active:
             return finish(NOTHING_LEFT)
+        ctx.step = StepState(target.band, target.loss_band, directions(active, above))
 
         # --- one gradient step -------------------------------------------------------------------------
         # Data parallel: each rank takes a shard of the active sequences (the same retain batch on every rank);
@@ -110,6 +115,12 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
             retain_value = retain_loss(settings.retain_kind, ctx, retain_batch)
             loss = loss + settings.retain_weight * retain_value
             loss_value += settings.retain_weight * float(retain_value.detach())
+        neighbour_batch = sample_neighbours(sets, settings, step, ctx)
+        neighbour_value = None
+        if neighbour_batch is not None:
+            neighbour_value = retain_loss("kl", ctx, neighbour_batch)
+            loss = loss + settings.neighbour_weight * neighbour_value
+            loss_value += settings.neighbour_weight * float(neighbour_value.detach())
         if not math.isfinite(loss_value):  # the same value on every rank: all stop together
             restore(params, best["weights"])
             return finish(f"loss diverged ({loss_value}) at step {step}; restored step {best['step']}", best["step"])
@@ -121,11 +132,13 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
                     param.grad.mul_(mask)
         optimizer.step()
         ctx.changed = True
-        tokens_trained += forget_tokens + (int(retain_batch.mask.sum()) if retain_batch else 0)
+        tokens_trained += forget_tokens + sum(int(b.mask.sum()) for b in (retain_batch, neighbour_batch) if b)
         if accelerator.is_main_process:
             log_step(trajectory, step, loss_value, ma, sets.forget_names, target.band, active,
                      forget_loss=forget_value, holdout_mean=target.holdout_mean,
-                     retain_loss=None if retain_value is None else float(retain_value.detach()))
+                     retain_loss=None if retain_value is None else float(retain_value.detach()),
+                     **({} if neighbour_value is None else {"neighbour_kl": float(neighbour_value.detach())}),
+                     loss_band=_edges(target.loss_band))
         step += 1
 
         if step % settings.guard_every == 0:
@@ -135,11 +148,12 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
                 restore(params, best["weights"])
                 return finish(f"utility guard: utility fell {drop:.1%} (limit {settings.max_utility_drop:.0%}) "
                               f"at step {step}; restored step {best['step']}", best["step"])
-            extractable = len(above)
+            extractable = len(check.blocking)
             if best["extractable"] is None or extractable <= best["extractable"]:
                 best = {"step": step, "extractable": extractable, "weights": snapshot(params)}
         if step % settings.checkpoint_every == 0 and accelerator.is_main_process:
             save_checkpoint(work, model, optimizer, {"step": step, "band": target.band.__dict__,
+                                                     "loss_band": target.loss_band.__dict__,
                                                      "holdout_mean": target.holdout_mean, "best": best,
                                                      "tokens_trained": tokens_trained})
 
@@ -175,6 +189,17 @@ def sample_retain(sets: TokenSets, settings: LoopSettings, step: int, ctx: Conte
     return Batch.of(sets.retain, indices, ctx.pad_id, ctx.runtime.device)
 
 
+def sample_neighbours(sets: TokenSets, settings: LoopSettings, step: int, ctx: Context) -> Batch | None:
+    """A batch of neighbours (as many as a retain batch) from a generator seeded by (seed, step), apart from the
+    retain batch's; None without neighbours."""
+    if not sets.neighbours:
+        return None
+    generator = torch.Generator().manual_seed((settings.seed * 1_000_003 + step) * 2 + 1)
+    count = min(settings.retain_batch, len(sets.neighbours))
+    indices = torch.randperm(len(sets.neighbours), generator=generator)[:count].tolist()
+    return Batch.of(sets.neighbours, indices, ctx.pad_id, ctx.runtime.device)
+
+
 def snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
@@ -187,12 +212,17 @@ def restore(params: list[torch.nn.Parameter], weights: list[torch.Tensor]) -> No
 
 def log_step(path: Path, step: int, loss: float | None, ma: list[float], names: list[str], band: Band,
              active: list[int], **extra) -> None:
-    """One trajectory line: after `step` updates, the MA of every forget sequence, the band, which sequences
-    got gradient and the loss of the update taken from there (null on the last line: the run stopped)."""
+    """One trajectory line: after `step` updates, the MA of every forget sequence, the band (and in `extra` the
+    loss band), which sequences got gradient and the loss of the update taken from there (null on the last
+    line: the run stopped)."""
     line = {"step": step, "loss": loss, **extra, "ma": {names[i]: round(v, 6) for i, v in enumerate(ma)},
             "active": [names[i] for i in active], "band": [band.lower, band.upper]}
     with path.open("a") as out:
         out.write(json.dumps(line) + "\n")
+
+
+def _edges(band: LossBand | None) -> list[float | None] | None:
+    return None if band is None else [band.lower, band.upper]
 
 
 def keep_trajectory(path: Path, step: int) -> None:

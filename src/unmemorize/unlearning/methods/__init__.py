@@ -2,8 +2,9 @@
 
 A method file (`ascent.py`, `npo.py`, ...) declares a method class (its forget loss, what the loss averages
 over, its options, optionally which parameters it trains) and `SPECS`, the names it goes by: for each a
-one-line summary, the stages it runs, its selection (every forget sequence, or only those still above the
-band), its default retain regularizer and its default learning rate (`base.MethodSpec`). `gd` is `ga` + nll,
+one-line summary, the stages it runs, its selection (every forget sequence, only those still above the
+band, or two-way: those pushed up and the over-unlearned pulled back), its default retain regularizer and its
+default learning rate (`base.MethodSpec`). `gd` is `ga` + nll,
 `ga_kl` is `ga` + kl, and so on; `--retain-loss` overrides the default of any of them, `--method-arg KEY=VALUE`
 sets an option.
 
@@ -12,8 +13,8 @@ Adding a method: write `methods/<name>.py` with its class and SPECS, and add `*<
 
 from __future__ import annotations
 
-from . import ascent, idk, npo, rmu, task_vector
-from .base import ALL, BAND, GradientMethod, Method, MethodConfig, MethodSpec
+from . import ascent, ce_u, hinge, idk, npo, rmu, satimp, simnpo, task_vector, undial, wga
+from .base import ALL, BAND, TWO_WAY, GradientMethod, Method, MethodConfig, MethodSpec
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in [
     *ascent.SPECS,
@@ -21,6 +22,12 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in [
     *idk.SPECS,
     *rmu.SPECS,
     *task_vector.SPECS,
+    *simnpo.SPECS,
+    *undial.SPECS,
+    *wga.SPECS,
+    *satimp.SPECS,
+    *ce_u.SPECS,
+    *hinge.SPECS,
 ]}
 
-__all__ = ["ALL", "BAND", "METHODS", "GradientMethod", "Method", "MethodConfig", "MethodSpec"]
+__all__ = ["ALL", "BAND", "METHODS", "TWO_WAY", "GradientMethod", "Method", "MethodConfig", "MethodSpec"]

@@ -23,12 +23,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from ...errors import InputError
 from ..context import SEQUENCES, Batch, Context
-from ..target import ALL, BAND
+from ..target import ALL, BAND, TWO_WAY
 
 if TYPE_CHECKING:
     from ..session import Session
 
-__all__ = ["ALL", "BAND", "GradientMethod", "Method", "MethodConfig", "MethodSpec"]
+__all__ = ["ALL", "BAND", "TWO_WAY", "GradientMethod", "Method", "MethodConfig", "MethodSpec"]
 
 
 class MethodConfig(BaseModel):
@@ -84,7 +84,8 @@ class GradientMethod(Method):
 @dataclass(frozen=True)
 class MethodSpec:
     """A method by name: its stages (method classes run one after the other, each on what the previous left),
-    which forget sequences they train on (ALL, or BAND: only those blocking the target), the retain
+    which forget sequences they train on (ALL; BAND: only those blocking the target; TWO_WAY: those, pushed up,
+    and those over-unlearned on loss, pulled back: the loop passes each one's direction in `ctx.step`), the retain
     regularizer it adds by default (none | nll | kl) and its default learning rate."""
 
     name: str
@@ -95,8 +96,8 @@ class MethodSpec:
     lr: float = 2e-5
 
     def __post_init__(self) -> None:
-        if self.selection not in (ALL, BAND):
-            raise ValueError(f"{self.name}: selection must be {ALL!r} or {BAND!r}")
+        if self.selection not in (ALL, BAND, TWO_WAY):
+            raise ValueError(f"{self.name}: selection must be {ALL!r}, {BAND!r} or {TWO_WAY!r}")
         seen: set[str] = set()
         for stage in self.stages:
             shared = seen & set(stage.Config.model_fields)
