@@ -103,7 +103,7 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         # a rank with nothing to do still joins the gradient all-reduce with weight 0.
         shard = active[accelerator.process_index :: accelerator.num_processes]
         forget_batch = Batch.of(sets.forget, shard or active[:1], ctx.pad_id, ctx.runtime.device)
-        retain_batch = sample_retain(sets, settings, step, ctx)
+        retain_batch = sample(sets.retain, settings.retain_batch, step_seed(settings, step), ctx)
         forget_loss = objective.loss(ctx, forget_batch, retain_batch)
         forget_share, forget_value, forget_tokens = shard_totals(accelerator, objective, forget_batch, forget_loss,
                                                                  bool(shard))
@@ -115,7 +115,8 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
             retain_value = retain_loss(settings.retain_kind, ctx, retain_batch)
             loss = loss + settings.retain_weight * retain_value
             loss_value += settings.retain_weight * float(retain_value.detach())
-        neighbour_batch = sample_neighbours(sets, settings, step, ctx)
+        # as many neighbours as retain sequences, from a generator apart from the retain batch's
+        neighbour_batch = sample(sets.neighbours, settings.retain_batch, 2 * step_seed(settings, step) + 1, ctx)
         neighbour_value = None
         if neighbour_batch is not None:
             neighbour_value = retain_loss("kl", ctx, neighbour_batch)
@@ -179,25 +180,18 @@ def shard_totals(accelerator, objective, batch: Batch, loss: torch.Tensor, has_s
     return accelerator.num_processes * units / all_units, weighted / all_units, int(tokens)
 
 
-def sample_retain(sets: TokenSets, settings: LoopSettings, step: int, ctx: Context) -> Batch | None:
-    """A retain batch drawn from a generator seeded by (seed, step): the same batch on a resumed run."""
-    if not sets.retain:
+def sample(token_lists: list[list[int]] | None, count: int, seed: int, ctx: Context) -> Batch | None:
+    """`count` sequences drawn from a generator seeded by `seed` (the same batch on a resumed run); None when
+    there are none."""
+    if not token_lists:
         return None
-    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    count = min(settings.retain_batch, len(sets.retain))
-    indices = torch.randperm(len(sets.retain), generator=generator)[:count].tolist()
-    return Batch.of(sets.retain, indices, ctx.pad_id, ctx.runtime.device)
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(token_lists), generator=generator)[:min(count, len(token_lists))].tolist()
+    return Batch.of(token_lists, indices, ctx.pad_id, ctx.runtime.device)
 
 
-def sample_neighbours(sets: TokenSets, settings: LoopSettings, step: int, ctx: Context) -> Batch | None:
-    """A batch of neighbours (as many as a retain batch) from a generator seeded by (seed, step), apart from the
-    retain batch's; None without neighbours."""
-    if not sets.neighbours:
-        return None
-    generator = torch.Generator().manual_seed((settings.seed * 1_000_003 + step) * 2 + 1)
-    count = min(settings.retain_batch, len(sets.neighbours))
-    indices = torch.randperm(len(sets.neighbours), generator=generator)[:count].tolist()
-    return Batch.of(sets.neighbours, indices, ctx.pad_id, ctx.runtime.device)
+def step_seed(settings: LoopSettings, step: int) -> int:
+    return settings.seed * 1_000_003 + step
 
 
 def snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
