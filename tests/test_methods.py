@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 from clirun import run_cli
+from tiny import build_method as build
+from tiny import perturb
 
 from unmemorize.cli import method_args_for, parse_method_args, unlearn_settings
 from unmemorize.errors import InputError
@@ -22,19 +24,6 @@ from unmemorize.unlearning.context import Batch, Context
 from unmemorize.unlearning.methods import METHODS
 
 RUNTIME = make_runtime("cpu", "float32")
-
-
-def build(method: str, tokenizer, **args):
-    """The first stage of `method` with options `args`, the way a run builds it (validated by the settings)."""
-    settings = UnlearnSettings(method=method, method_args=args)
-    return settings.spec.build(settings.method_args, tokenizer)[0]
-
-
-def perturb(model, seed: int = 1, scale: float = 0.05) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def hand_logprobs(model, ids: list[int]) -> list[float]:

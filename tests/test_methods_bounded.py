@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 from clirun import run_cli
+from tiny import build_method as build
+from tiny import perturb
 
 from unmemorize.cli import parse_method_args, unlearn_settings
 from unmemorize.errors import InputError
@@ -24,19 +26,6 @@ from unmemorize.unlearning.methods import ALL, BAND, METHODS
 
 RUNTIME = make_runtime("cpu", "float32")
 NEW = ["simnpo", "undial", "wga", "satimp", "ce_u"]
-
-
-def build(method: str, tokenizer, **args):
-    """The first stage of `method` with options `args`, validated the way a run does it."""
-    settings = UnlearnSettings(method=method, method_args=args)
-    return settings.spec.build(settings.method_args, tokenizer)[0]
-
-
-def perturb(model, seed: int = 1, scale: float = 0.05) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def hand_logits(model, ids: list[int]) -> torch.Tensor:

@@ -75,3 +75,19 @@ def build_tiny_model(folder: Path, seed: int = 0, epochs: int = 12, oracle: bool
              description="tiny model")
     save_checkpoint(model, tokenizer, folder)
     return sets
+
+
+def build_method(method: str, tokenizer, **args):
+    """The first stage of `method` with options `args`, the way a run builds it (validated by the settings)."""
+    from unmemorize.runs.config import UnlearnSettings
+
+    settings = UnlearnSettings(method=method, method_args=args)
+    return settings.spec.build(settings.method_args, tokenizer)[0]
+
+
+def perturb(model, seed: int = 1, scale: float = 0.05) -> None:
+    """Add seeded Gaussian noise to every weight (so a model differs from its reference copy)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
