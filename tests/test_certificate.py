@@ -35,8 +35,8 @@ def certified(tiny, tmp_path_factory):
 
     general = [Sequence(f"g{i}", text) for i, text in enumerate(sentences(10, seed=99))]
     sets = {k: v for k, v in tiny["sets"].items() if k in ("forget", "holdout", "retain")}
-    settings = UnlearnSettings(method="sga", lr=3e-4, retain_loss="nll", max_steps=60, max_utility_drop=10.0,
-                               audit=FAST_AUDIT)
+    settings = UnlearnSettings(method="sga", target="ma", lr=3e-4, retain_loss="nll", max_steps=60,
+                               max_utility_drop=10.0, audit=FAST_AUDIT)
     out = tmp_path_factory.mktemp("certificate") / "run"
     result = unlearn(str(tiny["model"]), sets, general, settings, RUNTIME, out)
     assert result.target_reached, result.run["stop_reason"]

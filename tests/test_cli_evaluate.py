@@ -17,8 +17,8 @@ def evaluated_run(tiny, tiny_oracle, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-eval") / "run"
     result = run_cli("unlearn", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
                      tiny["files"]["holdout"], "--retain", tiny["files"]["retain"], "--general",
-                     tiny["files"]["retain"], "--method", "sga", "--lr", "3e-4", "--retain-loss", "nll",
-                     "--max-steps", "60", "--max-utility-drop", "10", "--oracle", tiny_oracle, "--attacks",
+                     tiny["files"]["retain"], "--method", "sga", "--target", "ma", "--lr", "3e-4", "--retain-loss",
+                     "nll", "--max-steps", "60", "--max-utility-drop", "10", "--oracle", tiny_oracle, "--attacks",
                      "--tasks", "unmemorize_pyfacts", *FAST, "--out", out)
     return out, result
 

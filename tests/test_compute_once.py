@@ -70,7 +70,7 @@ def test_a_run_encodes_each_set_once_and_scores_the_unchanged_model_once(tiny, t
     monkeypatch.setattr(run_module, "encode", counting_encode)
     monkeypatch.setattr(audit_module, "encode", counting_encode)
     monkeypatch.setattr(target_module, "lean_scores", counting_lean)
-    settings = UnlearnSettings(method="sga", lr=3e-4, stop="steps", max_steps=2, recalibrate_every=1,
+    settings = UnlearnSettings(method="sga", target="ma", lr=3e-4, stop="steps", max_steps=2, recalibrate_every=1,
                                max_utility_drop=10.0, audit=FAST_AUDIT)
     result = run_module.unlearn(str(tiny["model"]), sets_of(tiny), general(), settings, RUNTIME, tmp_path / "run")
     assert sorted(calls["encode"]) == ["forget", "general", "holdout", "retain"]
@@ -91,7 +91,7 @@ def test_compare_loads_the_model_once_and_audits_the_oracle_once(tiny, tiny_orac
     import unmemorize.evaluate.suite as suite
 
     monkeypatch.setattr(suite, "load_model", counting_load)
-    runs = {name: UnlearnSettings(method=name, lr=3e-4, stop="steps", max_steps=1, max_utility_drop=10.0,
+    runs = {name: UnlearnSettings(method=name, target="ma", lr=3e-4, stop="steps", max_steps=1, max_utility_drop=10.0,
                                   audit=FAST_AUDIT, evaluation={"oracle": str(tiny_oracle), "health": False})
             for name in ("ga", "sga")}
     results = compare(str(tiny["model"]), sets_of(tiny), general(), runs, RUNTIME, tmp_path / "cmp")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -66,8 +67,52 @@ def _name(text: str) -> str:
     raise AssertionError(f"no name in {text!r}")
 
 
+# SHA-256 of the sets the shipped victim was built on (`sets_sha256`), for seeds 0 and 1: a change to
+# demo_data (a new set, a new draw) must leave them as they are, or the victim no longer matches its data.
+SETS_SHA256 = {0: "e6a4ba8ff222c08ea383647f42a37779dfde5a1b9bf58e1cf0dabf7a039e119b",
+               1: "a41dcd52fda1ed28b64b8045ed0e3f776e524e6ddf8896cefd82103f0adefa7b"}
+
+
+def sets_sha256(data: embedded.DemoData) -> str:
+    payload = {name: [[s.id, s.text] for s in getattr(data, name)]
+               for name in ("forget", "retain", "holdout", "general", "general_train")}
+    payload["repetitions"] = data.repetitions
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_sets_the_victim_was_built_on_stay_the_same(data, seed):
+    assert sets_sha256(data if seed == 0 else embedded.demo_data(seed)) == SETS_SHA256[seed]
+
+
+def test_neighbours_are_unseen_records_of_people_in_no_other_set(data):
+    neighbours = data.neighbours
+    assert len(neighbours) == embedded.NEIGHBOURS == 40
+    assert "neighbours" not in embedded.RECIPE  # the victim's hash does not depend on them
+    others = data.forget + data.retain + data.holdout + data.general + data.general_train
+    assert not {s.text for s in neighbours} & {s.text for s in others}
+    assert len({s.text for s in neighbours}) == len(neighbours)
+    ids = [s.id for s in others + neighbours]
+    assert len(ids) == len(set(ids)) and all(re.fullmatch(r"rec-\d{3}", s.id) for s in neighbours)
+    people = [_name(s.text) for s in neighbours]
+    assert len(set(people)) == len(people)  # one person, one record
+    assert not set(people) & {_name(s.text) for s in data.forget + data.retain + data.holdout}
+    training = " ".join(s.text for s in data.forget + data.retain + data.holdout)
+    assert not any(person in training for person in people)
+    assert embedded.describe(data)["neighbours"] == 40
+
+
+def test_neighbours_are_drawn_last(data):
+    """Their number changes nothing else: fewer are the first of the same draw, and the other sets stay."""
+    few = embedded.demo_data(0, neighbours=5)
+    assert few.neighbours == data.neighbours[:5]
+    assert sets_sha256(few) == sets_sha256(data)
+    assert embedded.demo_data(0, neighbours=0).neighbours == []
+    assert [s.text for s in embedded.demo_data(1).neighbours] != [s.text for s in data.neighbours]
+
+
 def test_records_contain_the_fields(data):
-    for record in data.forget + data.retain + data.holdout:
+    for record in data.forget + data.retain + data.holdout + data.neighbours:
         text = record.text
         assert _name(text)
         assert re.search(r"\b(19[4-9]\d|200[0-5])-\d\d-\d\d\b|\b[A-Z][a-z]+ \d{1,2}, (19|20)\d\d\b", text), text

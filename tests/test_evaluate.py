@@ -57,6 +57,8 @@ def test_oracle_report_against_an_independent_computation(audits):
     expected = (victim.privacy["mink_auc"] - oracle.privacy["mink_auc"]) / oracle.privacy["mink_auc"]
     assert report["privleak"] == pytest.approx(expected)
     assert report["privleak"] > 0.2  # the victim leaks membership far more than the oracle
+    # the oracle's own U-MIA (forget vs holdout under the oracle), the reference a run's umia is held to
+    assert report["umia_auc"] == oracle.privacy["umia_auc"] < victim.privacy["umia_auc"]
     assert report["status_agreement"] == pytest.approx(
         np.mean([a.status == b.status for a, b in zip(victim.of("forget"), oracle.of("forget"), strict=True)]))
     json.dumps(report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -20,13 +21,13 @@ from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
 from unmemorize.unlearning.context import Batch, Context, StepState
 from unmemorize.unlearning.methods import METHODS, TWO_WAY
-from unmemorize.unlearning.target import FORGET, PULL_BACK, directions, selected
+from unmemorize.unlearning.methods.hinge import band_hinge, flip_hinge, true_margins
+from unmemorize.unlearning.target import selected
 
 RUNTIME = make_runtime("cpu", "float32")
 FLOAT32 = ["--device", "cpu", "--dtype", "float32"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 FAST = ["--el-n", "0", "--prefix-tokens", "8", *FLOAT32]
-BAND = Band("quantile:0.05,0.95", 0.4, 0.6, 20)
 
 
 def hinge(tokenizer, **args):
@@ -37,6 +38,18 @@ def hinge(tokenizer, **args):
 def mean_nll(model, ids: list[int]) -> float:
     logprobs = hand_logprobs(model, ids)
     return -sum(logprobs) / len(logprobs)
+
+
+def hand_margins(model, ids: list[int]) -> list[float]:
+    """z_t[x_t] - max_{v != x_t} z_t[v] for t = 2..T, one token at a time."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    margins = []
+    for t in range(1, len(ids)):
+        row = logits[t - 1].tolist()
+        true = row[ids[t]]
+        margins.append(true - max(v for k, v in enumerate(row) if k != ids[t]))
+    return margins
 
 
 @pytest.fixture
@@ -52,70 +65,135 @@ def pair(tiny, tiny_loaded):
     return model, tokenizer, pair, losses
 
 
-def step_context(model, tokenizer, forget, lo, hi, direction) -> tuple[Context, Batch]:
+WIDE = Band("quantile:0.05,0.95", 0.0, 1.0, 20)  # an MA band nothing is above: only the loss term acts
+
+
+def step_context(model, tokenizer, forget, lo, hi, rows=(0, 1), band=WIDE, prefix=8) -> tuple[Context, Batch]:
     ctx = Context(model=model, runtime=RUNTIME, pad_id=pad_id_of(tokenizer), forget_ids=forget)
-    ctx.step = StepState(BAND, LossBand("quantile:0.05,0.95", lo, hi, 20), direction)
-    return ctx, Batch.of(forget, sorted(direction), ctx.pad_id, RUNTIME.device)
+    ctx.step = StepState(band, LossBand("quantile:0.05,0.95", lo, hi, 20), prefix)
+    return ctx, Batch.of(forget, list(rows), ctx.pad_id, RUNTIME.device)
 
 
-def test_hinge_loss_is_the_mean_distance_to_each_target(pair):
+def test_band_hinge_is_the_distance_to_the_middle_outside_the_band():
+    loss = torch.tensor([1.0, 2.5, 4.2, 2.1, 3.9])
+    # band [2, 4], middle 3: under it 3 - 1; inside 0; over it 4.2 - 3
+    assert band_hinge(loss, 2.0, 4.0).tolist() == pytest.approx([2.0, 0.0, 1.2, 0.0, 0.0], abs=1e-6)
+    # the band moved in by the margin (the loop's aim, 0.1 of its width: [2.2, 3.8]): 2.1 and 3.9 are outside
+    aim = LossBand("quantile:0.05,0.95", 2.0, 4.0, 20).inset(0.1)
+    assert (aim.lower, aim.upper) == pytest.approx((2.2, 3.8))
+    assert band_hinge(loss, aim.lower, aim.upper).tolist() == pytest.approx([2.0, 0.0, 1.2, 0.9, 0.9], abs=1e-6)
+    # the mean rule (no upper edge): relu(lower - loss); a margin leaves a one-edged band as it is
+    assert band_hinge(loss, 2.2, None).tolist() == pytest.approx([1.2, 0.0, 0.0, 0.1, 0.0], abs=1e-6)
+    assert LossBand("mean", 2.2, None, 20).inset(0.25) == LossBand("mean", 2.2, None, 20)
+
+
+def test_flip_hinge_flips_the_fewest_cheapest_right_tokens():
+    margins = torch.tensor([3.0, 0.5, -1.0, 2.0, 0.2], requires_grad=True)
+    # MA 4/5 = 0.8 > 0.6: ceil(4 - 5 * 0.6) = 1 flip, the right token with the smallest margin (0.2)
+    value = flip_hinge(margins, 0.6, 1.0, prefix=1)
+    assert float(value.detach()) == pytest.approx(1.2)
+    value.backward()
+    assert margins.grad.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]  # gradient on the chosen token only
+    # upper edge 0.4: ceil(4 - 2) = 2 flips, 0.2 and 0.5: mean(1.2, 1.5)
+    assert float(flip_hinge(margins, 0.4, 1.0, prefix=1).detach()) == pytest.approx(1.35)
+    # delta 0: a token already flipped costs nothing; MA inside the band and not verbatim: zero
+    assert float(flip_hinge(torch.tensor([-0.5, 1.0, -2.0]), 0.6, 0.0, prefix=1)) == 0.0
+
+
+def test_the_margin_has_the_logit_value_and_the_gradient_of_log_p():
+    logits = torch.tensor([[2.0, 0.5, 1.5, -1.0]], requires_grad=True)
+    margin = true_margins(torch.log_softmax(logits, -1), torch.tensor([[0]]))
+    assert float(margin.detach()) == pytest.approx(2.0 - 1.5)  # z[x_t] - z[best rival]
+    margin.sum().backward()
+    p = torch.softmax(logits.detach(), -1)[0]
+    # d log p(x_t) / dz = onehot - p: every other token gains by its probability, not the rival alone (which the
+    # logit margin's gradient, onehot - onehot(rival), would give)
+    assert logits.grad[0].tolist() == pytest.approx((torch.tensor([1.0, 0, 0, 0]) - p).tolist(), abs=1e-6)
+
+
+def test_flip_hinge_breaks_a_verbatim_suffix_even_inside_the_band():
+    # prefix P = 3: the suffix is margins[2:], all right: verbatim though MA 3/5 = 0.6 is not above 0.6
+    assert float(flip_hinge(torch.tensor([-1.0, -2.0, 0.1, 3.0, 4.0]), 0.6, 1.0, prefix=3)) == pytest.approx(1.1)
+    # MA 1.0 > 0.8: one flip, the cheapest (index 0, in the prefix); the suffix's cheapest (2.0) joins it
+    value = flip_hinge(torch.tensor([0.05, 0.9, 2.0, 3.0]), 0.8, 1.0, prefix=3)
+    assert float(value) == pytest.approx((1.05 + 3.0) / 2)
+
+
+def test_hinge_loss_against_a_hand_computation(pair):
     model, tokenizer, forget, (low, high) = pair
-    # one band for both: f0 under it (forget: target the middle), f5 over it (pull back to the middle)
+    # one loss band for both: f0 under it (pushed to the middle), f5 over it (pulled back to the middle)
     middle, width = (low + high) / 2, (high - low) / 2
     lo, hi = middle - width / 2, middle + width / 2
-    ctx, batch = step_context(model, tokenizer, forget, lo, hi, {0: FORGET, 1: PULL_BACK})
-    objective = hinge(tokenizer)
-    loss = float(objective.loss(ctx, batch, None).detach())
-    assert loss == pytest.approx(((middle - low) + (high - middle)) / 2, rel=1e-5)
+    objective = hinge(tokenizer, ma_weight=0)  # the loss term alone (f0 is verbatim: the MA term would act)
+    ctx, batch = step_context(model, tokenizer, forget, lo, hi)
+    assert float(objective.loss(ctx, batch, None).detach()) == pytest.approx(((middle - low) + (high - middle)) / 2,
+                                                                            rel=1e-5)
     assert batch.units(objective.averages_over) == 2  # a mean over sequences
-    # past the middle but still blocking: pushed to the upper edge, not beyond
-    ctx, batch = step_context(model, tokenizer, forget, low - 0.4, low + 0.2, {0: FORGET})
-    assert float(objective.loss(ctx, batch, None).detach()) == pytest.approx(0.2, rel=1e-4)
-    # margin: the upper edge moves in by margin * width
-    ctx, batch = step_context(model, tokenizer, forget, low - 0.4, low + 0.2, {0: FORGET})
-    assert float(hinge(tokenizer, margin=0.25).loss(ctx, batch, None).detach()) == pytest.approx(0.2 - 0.15, rel=1e-3)
-    # the mean rule (no upper edge): lo is the only target
-    ctx, batch = step_context(model, tokenizer, forget, low + 0.3, None, {0: FORGET})
-    assert float(objective.loss(ctx, batch, None).detach()) == pytest.approx(0.3, rel=1e-4)
+    # with an MA band both are above: the MA term of each, by hand, joins its loss term
+    band = Band("quantile:0.05,0.95", 0.1, 0.3, 20)
+    ctx, batch = step_context(model, tokenizer, forget, lo, hi, band=band)
+    expected = []
+    for ids, term in zip(forget, (middle - low, high - middle), strict=True):
+        margins = hand_margins(model, ids)
+        right = sorted(m for m in margins if m > 0)
+        flips = math.ceil(len(right) - len(margins) * 0.3 - 1e-9)
+        assert len(right) / len(margins) > 0.3 and flips >= 1
+        expected.append(term + 0.5 * sum(max(m + 2.0, 0.0) for m in right[:flips]) / flips)
+    loss = hinge(tokenizer, ma_weight=0.5, delta=2.0).loss(ctx, batch, None)
+    assert float(loss.detach()) == pytest.approx(sum(expected) / 2, rel=1e-4)
 
 
-def test_a_sequence_inside_its_target_gets_no_gradient(pair):
-    model, tokenizer, forget, (low, high) = pair
+def test_a_sequence_inside_both_bands_gets_no_gradient(pair):
+    model, tokenizer, forget, (_, high) = pair
     objective = hinge(tokenizer)
-    # pull back, loss already under the middle; forget, loss already over the upper edge: both zero
-    for lo, hi, direction in [(low - 0.2, low + 1.0, {0: PULL_BACK}), (high - 1.0, high - 0.1, {1: FORGET})]:
-        model.zero_grad(set_to_none=True)
-        ctx, batch = step_context(model, tokenizer, forget, lo, hi, direction)
-        loss = objective.loss(ctx, batch, None)
-        assert float(loss.detach()) == 0.0
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        assert all(bool((g == 0).all()) for g in grads)
+    model.zero_grad(set_to_none=True)
+    # f5: MA 0.67 under the band's 1.0, loss inside [high - 0.2, high + 0.2], not verbatim
+    ctx, batch = step_context(model, tokenizer, forget, high - 0.2, high + 0.2, rows=(1,))
+    loss = objective.loss(ctx, batch, None)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(bool((g == 0).all()) for g in grads)
 
 
 def test_two_way_selects_blocking_and_over_unlearned_sequences_and_nothing_in_the_band():
-    above, over = [0, 3], [2, 3]  # 3 is both blocking on MA and over the loss band: it is pushed, not pulled
-    active = selected(TWO_WAY, above, 5, over)
-    assert active == [0, 2, 3]  # 1 and 4 are inside the bands: nothing
-    assert directions(active, above) == {0: FORGET, 2: PULL_BACK, 3: FORGET}
+    above, over = [0, 3], [2, 3]
+    assert selected(TWO_WAY, above, 5, over) == [0, 2, 3]  # 1 and 4 are inside the bands: nothing
     assert METHODS["hinge"].selection == TWO_WAY
     # the other selections are unchanged by the over-unlearned list
     assert selected("band", above, 5, over) == [0, 3] and selected("all", above, 5, over) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("direction", [PULL_BACK, FORGET])
-def test_one_step_moves_the_loss_the_way_it_is_told(pair, direction):
+@pytest.mark.parametrize("direction", ["pull back", "push up"])
+def test_one_step_moves_the_loss_the_way_the_band_says(pair, direction):
     model, tokenizer, forget, (low, _) = pair
-    # pull back: the band lies under f0's loss; forget: over it
-    lo, hi = (low - 2.0, low - 1.0) if direction == PULL_BACK else (low + 1.0, low + 2.0)
-    ctx, batch = step_context(model, tokenizer, forget, lo, hi, {0: direction})
+    # pull back: the band lies under f0's loss; push up: over it
+    lo, hi = (low - 2.0, low - 1.0) if direction == "pull back" else (low + 1.0, low + 2.0)
+    ctx, batch = step_context(model, tokenizer, forget, lo, hi, rows=(0,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss = hinge(tokenizer).loss(ctx, batch, None)
+    loss = hinge(tokenizer, ma_weight=0).loss(ctx, batch, None)
     assert float(loss.detach()) > 0
     loss.backward()
     optimizer.step()
     after = mean_nll(model, forget[0])
-    assert (after < low) if direction == PULL_BACK else (after > low)
+    assert (after < low) if direction == "pull back" else (after > low)
+
+
+def test_the_ma_term_brings_an_extractable_sequence_into_the_band(pair):
+    model, tokenizer, forget, (low, _) = pair
+    margins = hand_margins(model, forget[0])
+    ma = sum(m > 0 for m in margins) / len(margins)
+    band = Band("quantile:0.05,0.95", ma - 0.3, ma - 0.15, 20)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    objective = hinge(tokenizer)
+    for _ in range(8):  # the loss band is wide: only the MA term acts
+        ctx, batch = step_context(model, tokenizer, forget, low - 5.0, low + 50.0, rows=(0,), band=band)
+        optimizer.zero_grad()
+        objective.loss(ctx, batch, None).backward()
+        optimizer.step()
+    after = hand_margins(model, forget[0])
+    assert sum(m > 0 for m in after) / len(after) <= band.upper
+    assert mean_nll(model, forget[0]) < low + 3.0  # flipped, not blown up
 
 
 def neighbour_file(tmp_path, count: int = 10):
@@ -199,3 +277,33 @@ def test_a_hinge_run_under_indistinguishable_reports_consistently(tiny, tmp_path
     assert run["sets"] == {"forget": str(tiny["files"]["forget"].resolve()),
                            "band": str(tiny["files"]["holdout"].resolve()),
                            "retain": str(tiny["files"]["retain"].resolve()), "neighbours": str(neighbours.resolve())}
+
+
+class _Scored:
+    """A forget sequence's scores as the target reads them."""
+
+    def __init__(self, ma: float, loss: float) -> None:
+        self.ma, self.loss = ma, loss
+
+    def verbatim(self, prefix_tokens: int) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("margin", [None, 0.0])
+def test_the_margin_keeps_a_sequence_active_until_it_is_inside_by_the_margin(margin):
+    from unmemorize.unlearning.target import Target
+
+    settings = UnlearnSettings(method="hinge", margin=margin)  # None: hinge's own margin, 0.25
+    band, loss_band = Band("quantile:0.05,0.95", 0.4, 0.6, 20), LossBand("quantile:0.05,0.95", 2.0, 3.0, 20)
+    ctx = Context(model=None, runtime=RUNTIME, pad_id=0, forget_ids=[])
+    target = Target(ctx, None, settings, band, 0.5, loss_band, pulls_back=True)
+    # all four inside both bands; with a margin of 0.25 the aims are MA <= 0.55 and loss in [2.25, 2.75]
+    scores = [_Scored(0.57, 2.5), _Scored(0.5, 2.1), _Scored(0.5, 2.5), _Scored(0.5, 2.9)]
+    check = target.measure(scores)
+    if margin is None:
+        assert settings.aim_margin == 0.25 and target.aims == (Band("quantile:0.05,0.95", 0.45, 0.55, 20),
+                                                               LossBand("quantile:0.05,0.95", 2.25, 2.75, 20))
+        assert check.above == [0, 1] and check.over == [3]  # 2 alone is inside by the margin
+    else:
+        assert check.above == [] and check.over == []
+    assert UnlearnSettings(method="sga").aim_margin == 0.0  # the other methods aim at the edges

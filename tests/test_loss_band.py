@@ -215,21 +215,32 @@ def _cli_args(tiny, folder):
             "--dtype", "float32"]
 
 
-def test_target_ma_is_todays_behaviour(tiny, tmp_path):
+def test_target_indistinguishable_is_the_default_and_ma_the_papers(tiny, tmp_path):
+    """No --target is --target indistinguishable, to the byte; --target ma judges on MA and verbatim alone."""
     args = _cli_args(tiny, tmp_path)
     plain = run_cli("unlearn", *args, "--out", tmp_path / "plain")
-    flagged = run_cli("unlearn", *args, "--target", "ma", "--out", tmp_path / "flagged")
-    assert plain.returncode == flagged.returncode and plain.returncode in (0, 3), plain.stderr + flagged.stderr
-    runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("plain", "flagged")]
+    flagged = run_cli("unlearn", *args, "--target", "indistinguishable", "--out", tmp_path / "flagged")
+    ma = run_cli("unlearn", *args, "--target", "ma", "--out", tmp_path / "ma")
+    for result in (plain, flagged, ma):
+        assert result.returncode in (0, 3), result.stderr
+    assert plain.returncode == flagged.returncode
+    runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("plain", "flagged", "ma")]
     varying = {"out", "seconds", "phase_seconds", "peak_memory_mb", "peak_gpu_memory_mb"}
     assert {k: v for k, v in runs[0].items() if k not in varying} == {k: v for k, v in runs[1].items()
                                                                        if k not in varying}
-    assert runs[0]["target"] == runs[0]["settings"]["target"] == "ma"
+    assert runs[0]["target"] == runs[0]["settings"]["target"] == "indistinguishable"
+    after = json.loads((tmp_path / "plain" / "after.json").read_text())
     assert runs[0]["target_reached"] == (runs[0]["forget"]["extractable_after"] == 0
-                                         and runs[0]["forget"]["verbatim_after"] == 0)
+                                         and runs[0]["forget"]["verbatim_after"] == 0
+                                         and after["sets"]["forget"]["loss_memorized"] == 0
+                                         and after["sets"]["forget"]["loss_over_unlearned"] == 0)
     trajectories = [(tmp_path / name / "trajectory.jsonl").read_text() for name in ("plain", "flagged")]
     assert trajectories[0] == trajectories[1]
     assert folder_sha256(tmp_path / "plain" / "model") == folder_sha256(tmp_path / "flagged" / "model")
+    assert runs[2]["target"] == runs[2]["settings"]["target"] == "ma"
+    assert runs[2]["target_reached"] == (runs[2]["forget"]["extractable_after"] == 0
+                                         and runs[2]["forget"]["verbatim_after"] == 0)
+    assert ma.returncode == (0 if runs[2]["target_reached"] else 3)
 
 
 @pytest.mark.parametrize("command", ["unlearn", "compare"])
@@ -248,9 +259,10 @@ def test_target_comes_from_the_yaml_config_and_the_flag_wins(tmp_path):
     from unmemorize.cli import unlearn_settings
 
     config = tmp_path / "config.yaml"
-    config.write_text("target: indistinguishable\n")
-    assert UnlearnSettings().target == "ma"  # the default, for now
-    assert unlearn_settings(config, {}).target == "indistinguishable"
-    assert unlearn_settings(config, {"target": "ma"}).target == "ma"
+    config.write_text("target: ma\n")
+    assert UnlearnSettings().target == "indistinguishable"  # the default (SPEC)
+    assert unlearn_settings(None, {}).target == "indistinguishable"
+    assert unlearn_settings(config, {}).target == "ma"
+    assert unlearn_settings(config, {"target": "indistinguishable"}).target == "indistinguishable"
     compared = unlearn_settings(None, {"target": "indistinguishable", "method": "ga"}, compared=["ga", "sga"])
     assert compared.target == "indistinguishable"

@@ -45,10 +45,10 @@ def runs(tiny, tiny_oracle, tmp_path_factory) -> dict[str, Path]:
     sets = {k: v for k, v in tiny["sets"].items() if k in ("forget", "holdout", "retain")}
     attacks = {"attacks": ["sampling", "quantize_8bit", "relearn"], "samples": 2, "relearn_steps": 2,
                "holdout_control": 5}
-    sga = UnlearnSettings(method="sga", lr=3e-4, retain_loss="nll", max_steps=60, max_utility_drop=10.0,
+    sga = UnlearnSettings(method="sga", target="ma", lr=3e-4, retain_loss="nll", max_steps=60, max_utility_drop=10.0,
                           recalibrate_every=1, audit=AUDIT,
                           evaluation={"oracle": str(tiny_oracle), "attacks": attacks})
-    ta = UnlearnSettings(method="ta", lr=3e-3, max_utility_drop=10.0, audit={**AUDIT, "el_n": []})
+    ta = UnlearnSettings(method="ta", target="ma", lr=3e-3, max_utility_drop=10.0, audit={**AUDIT, "el_n": []})
     folders = {"sga": root / "sga", "ta": root / "ta"}
     unlearn(str(tiny["model"]), sets, general, sga, RUNTIME, folders["sga"])
     unlearn(str(tiny["model"]), sets, general, ta, RUNTIME, folders["ta"])

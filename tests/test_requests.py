@@ -12,7 +12,8 @@ from unmemorize.io.sets import write_jsonl
 from unmemorize.io.tokens import ids_sha256
 
 FAST = ["--el-n", "0", "--prefix-tokens", "8", "--dtype", "float32", "--device", "cpu"]
-SGA = ["--method", "sga", "--lr", "3e-4", "--retain-loss", "nll", "--max-steps", "60", "--max-utility-drop", "10"]
+SGA = ["--method", "sga", "--target", "ma", "--lr", "3e-4", "--retain-loss", "nll", "--max-steps", "60",
+       "--max-utility-drop", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,8 @@ def test_compare_runs_every_method_from_the_same_model_and_ranks_them(tiny, tmp_
     out = tmp_path / "cmp"
     result = run_cli("compare", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
                      tiny["files"]["holdout"], "--retain", tiny["files"]["retain"], "--methods", "sga,ga",
-                     "--lr", "3e-4", "--max-steps", "40", "--max-utility-drop", "10", "--out", out, *FAST)
+                     "--target", "ma", "--lr", "3e-4", "--max-steps", "40", "--max-utility-drop", "10", "--out", out,
+                     *FAST)
     assert result.returncode in (0, 3), result.stderr
     rows = read_json(out / "compare.json")["rows"]
     assert {r["run"] for r in rows} == {"sga", "ga"}

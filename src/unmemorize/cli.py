@@ -218,25 +218,28 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
 
 # Options of unlearn and compare. They default to None so a --config file can fill them; flags win.
 Opt = typer.Option
-Lr = Annotated[float | None, Opt("--lr", help="Learning rate [default: the method's].")]
-MaxSteps = Annotated[int | None, Opt("--max-steps", help="Cap on gradient steps. [default: 200]")]
-Stop = Annotated[str | None, Opt("--stop", help="band | mean | steps [default: band]")]
-TargetOpt = Annotated[str | None, Opt("--target", help="ma: no forget sequence extractable or verbatim; "
-                                      "indistinguishable: ma, and every forget loss inside the loss band. "
-                                      "[default: ma]")]
-RetainLoss = Annotated[str | None, Opt("--retain-loss", help="none | nll | kl [default: the method's]")]
-RetainWeight = Annotated[float | None, Opt("--retain-weight", help="[default: 1.0]")]
+Lr = Annotated[float | None, Opt("--lr", help="Learning rate \\[default: the method's].")]
+Margin = Annotated[float | None, Opt("--margin", help="Aim inside the bands by this fraction of their width (0 to "
+                                      "0.5): a sequence gets gradient until it is that far inside. \\[default: the "
+                                      "method's: hinge 0.25, others 0]")]
+MaxSteps = Annotated[int | None, Opt("--max-steps", help="Cap on gradient steps. \\[default: 200]")]
+Stop = Annotated[str | None, Opt("--stop", help="band | mean | steps \\[default: band]")]
+TargetOpt = Annotated[str | None, Opt("--target", help="indistinguishable: no forget sequence extractable or "
+                                      "verbatim, and every forget loss inside the loss band; ma: the first two "
+                                      "only (the paper's). \\[default: indistinguishable]")]
+RetainLoss = Annotated[str | None, Opt("--retain-loss", help="none | nll | kl \\[default: the method's]")]
+RetainWeight = Annotated[float | None, Opt("--retain-weight", help="\\[default: 3.0]")]
 Neighbours = Annotated[str | None, Opt("--neighbours", help="Unseen in-domain text that must stay as it was: each "
                                        "step adds --neighbour-weight * KL to the original model on a batch of it "
                                        "(any gradient method). Must not share sequences with --forget or "
                                        "--holdout.")]
 NeighbourWeight = Annotated[float | None, Opt("--neighbour-weight", help="Weight of the --neighbours KL. "
-                                              "[default: 1.0]")]
-Lora = Annotated[int | None, Opt("--lora", help="LoRA rank; 0 trains the weights. [default: 0]")]
+                                              "\\[default: 3.0]")]
+Lora = Annotated[int | None, Opt("--lora", help="LoRA rank; 0 trains the weights. \\[default: 0]")]
 MaskFraction = Annotated[float | None, Opt("--mask-fraction", help="Train only this fraction of weights (largest "
-                                           "forget gradient). [default: 0 = all]")]
-MaxUtilityDrop = Annotated[float | None, Opt("--max-utility-drop", help="[default: 0.10]")]
-General = Annotated[str | None, Opt("--general", help="General text for utility [default: Python docs].")]
+                                           "forget gradient). \\[default: 0 = all]")]
+MaxUtilityDrop = Annotated[float | None, Opt("--max-utility-drop", help="\\[default: 0.10]")]
+General = Annotated[str | None, Opt("--general", help="General text for utility \\[default: Python docs].")]
 Config = Annotated[Path | None, Opt("--config", help="YAML file whose keys are these options.")]
 Attacks = Annotated[bool | None, Opt("--attacks", help="Run the robustness attacks on the unlearned model.")]
 MethodArg = Annotated[list[str] | None, Opt("--method-arg", metavar="KEY=VALUE", help="An option of the method "
@@ -248,9 +251,9 @@ CompareMethodArg = Annotated[list[str] | None, Opt("--method-arg", metavar="KEY=
                                                  "Repeatable.")]
 MaybeInt = Annotated[int | None, Opt()]
 MaybeStr = Annotated[str | None, Opt()]
-SETTING_KEYS = ("method", "lr", "max_steps", "stop", "target", "retain_loss", "retain_weight", "neighbour_weight",
-                "lora", "mask_fraction", "max_utility_drop", "seed", "batch_size", "max_tokens", "prefix_tokens",
-                "el_n", "el_sets", "band", "oracle", "attacks", "tasks")
+SETTING_KEYS = ("method", "lr", "margin", "max_steps", "stop", "target", "retain_loss", "retain_weight",
+                "neighbour_weight", "lora", "mask_fraction", "max_utility_drop", "seed", "batch_size", "max_tokens",
+                "prefix_tokens", "el_n", "el_sets", "band", "oracle", "attacks", "tasks")
 
 
 @app.command()
@@ -259,13 +262,13 @@ def unlearn(
     model: Annotated[str | None, Opt("--model", help="HF folder, hub id or .gguf file (with --previous: that "
                                      "run's model).")] = None,
     holdout: Holdout = None, retain: Retain = None,
-    method: Annotated[str | None, Opt("--method", help="See `unmemorize methods`. [default: sga]")] = None,
+    method: Annotated[str | None, Opt("--method", help="See `unmemorize methods`. \\[default: hinge]")] = None,
     method_arg: MethodArg = None,
     resume: Annotated[bool, Opt("--resume", help="Continue an interrupted run in <out>.partial.")] = False,
     previous: Annotated[Path | None, Opt("--previous", help="An earlier run to continue from (a later request): "
                                          "its model, and its ledger of forgotten sequences re-audited.")] = None,
-    general: General = None, config: Config = None, lr: Lr = None, max_steps: MaxSteps = None, stop: Stop = None,
-    target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
+    general: General = None, config: Config = None, lr: Lr = None, margin: Margin = None, max_steps: MaxSteps = None,
+    stop: Stop = None, target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
     neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, lora: Lora = None,
     mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
@@ -299,11 +302,13 @@ def unlearn(
 @app.command()
 def compare(
     forget: Forget, out: Annotated[Path, Opt("--out", help="New compare folder (runs/<method>/, compare.json).")],
-    methods: Annotated[str, Opt("--methods", help="Comma-separated method names (see `unmemorize methods`).")],
-    model: Model, method_arg: CompareMethodArg = None,
+    model: Model,
+    methods: Annotated[str | None, Opt("--methods", help="Comma-separated method names (see `unmemorize "
+                                       "methods`). \\[default: the --config file's method, else hinge]")] = None,
+    method_arg: CompareMethodArg = None,
     holdout: Holdout = None, retain: Retain = None,
-    general: General = None, config: Config = None, lr: Lr = None, max_steps: MaxSteps = None, stop: Stop = None,
-    target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
+    general: General = None, config: Config = None, lr: Lr = None, margin: Margin = None, max_steps: MaxSteps = None,
+    stop: Stop = None, target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
     neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, lora: Lora = None,
     mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
@@ -319,6 +324,8 @@ def compare(
     from .runs.compare import compare as run_compare
     from .runs.compare import ranked, rows_of
 
+    if methods is None:
+        methods = config_value(config, "method") or default_method()
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if len(set(names)) != len(names) or not names:
         raise InputError(f"--methods {methods!r}: give distinct method names, comma-separated")
@@ -342,6 +349,13 @@ def compare(
     console.print(compare_table(ranked(rows_of(results, names))))
     console.print(f"Wrote {out / 'compare.json'} and {out / 'report.html'}")
     return 0 if all(r.target_reached for r in results) else 3
+
+
+def default_method() -> str:
+    """The method `unlearn` and `compare` use when none is given: the recommended one (UnlearnSettings)."""
+    from .runs.config import UnlearnSettings
+
+    return UnlearnSettings.model_fields["method"].default
 
 
 def model_of(model: str | None, previous: Path | None) -> str:
@@ -408,7 +422,7 @@ def unlearn_settings(config: Path | None, flags: dict, compared: list[str] | Non
         raise InputError(f"--config {config}: method_args must be a mapping of option names to values")
     method_args = {**(values.get("method_args") or {}), **(flags.get("method_args") or {})}
     values.update({k: v for k, v in flags.items() if v is not None})
-    method = values.get("method", UnlearnSettings.model_fields["method"].default)
+    method = values.get("method", default_method())
     values["method_args"] = method_args_for(method, method_args, compared)
     if isinstance(values.get("el_n"), str | int):
         values["el_n"] = parse_el_n(str(values["el_n"]))
@@ -522,7 +536,7 @@ def demo(out: Annotated[Path, Opt("--out", help="Demo folder.")] = Path("unmemor
                                       "of merging the adapter shipped in the package (minutes to half an "
                                       "hour on a CPU).")] = False,
          device: Device = "auto", dtype: Dtype = "auto") -> None:
-    """The main job on the embedded default: victim, audit, unlearn (sga vs the aggregate rule), compare."""
+    """The main job on the embedded default: victim, audit, unlearn (hinge vs the aggregate rule), compare."""
     from .io.models import make_runtime
     from .runs.demo import run_demo
 
@@ -600,10 +614,10 @@ def scan(
 
 @app.command()
 def verify(certificate: Annotated[Path, Opt("--certificate", help="certificate.json of a run.")], model: Model,
-           forget: Annotated[str | None, Opt("--forget", help="[default: the file the certificate names]")] = None,
-           holdout: Annotated[str | None, Opt("--holdout", help="[default: the file the certificate names]")] = None,
+           forget: Annotated[str | None, Opt("--forget", help="\\[default: the file the certificate names]")] = None,
+           holdout: Annotated[str | None, Opt("--holdout", help="\\[default: the file the certificate names]")] = None,
            device: Device = "auto",
-           dtype: Annotated[str | None, Opt("--dtype", help="[default: the certified weights dtype]")] = None,
+           dtype: Annotated[str | None, Opt("--dtype", help="\\[default: the certified weights dtype]")] = None,
            allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False) -> int:
     """Re-audit a model and check each claim of a certificate. Exit 0 when all hold, 3 listing what fails."""
     from .io.models import load_model, make_runtime
@@ -640,12 +654,14 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
     if as_json:
         print(json.dumps(described, indent=1))
         return
-    table = Table(title="Methods (--method)", title_justify="left")
+    default = default_method()
+    table = Table(title=f"Methods (--method; default: {default})", title_justify="left")
     for column in ("name", "what it does", "options (default)", "selection", "retain loss", "lr"):
         table.add_column(column)
     for name, spec in METHODS.items():
         options = "\n".join(f"{key}={option['default']!r}" for key, option in described[name]["options"].items())
-        table.add_row(name, spec.summary, options or "-", spec.selection, spec.retain_loss, f"{spec.lr:g}")
+        shown = f"{name} (default)" if name == default else name
+        table.add_row(shown, spec.summary, options or "-", spec.selection, spec.retain_loss, f"{spec.lr:g}")
     console.print(table)
     helps: dict[tuple, list[str]] = {}  # an option shared by several methods is listed once
     for name, item in described.items():
@@ -658,7 +674,7 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
         options_table.add_row(key, ", ".join(names), default, text)
     console.print(options_table)
     console.print("Any gradient method also takes --retain-loss none|nll|kl, --retain-weight, --lora R, "
-                  "--mask-fraction F, --stop band|mean|steps, --target ma|indistinguishable, --max-steps.")
+                  "--mask-fraction F, --stop band|mean|steps, --target indistinguishable|ma, --max-steps.")
 
 
 def _print_version(value: bool) -> None:

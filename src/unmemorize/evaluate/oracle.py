@@ -38,6 +38,8 @@ def oracle_report(unlearned: AuditResult, oracle: AuditResult) -> dict:
         "privleak": privleak[PRIVLEAK_SCORE],
         "privleak_score": PRIVLEAK_SCORE,
         "privleak_by_score": privleak,
+        # the same U-MIA (forget vs holdout) on the oracle: what "looks never trained" scores on this request
+        "umia_auc": oracle.privacy.get("umia_auc"),
         "oracle_privacy": {k: v for k, v in oracle.privacy.items() if k != "roc"},
         "oracle_band": None if oracle.band is None else oracle.band.to_json(),
         "oracle_forget": {k: summary[k] for k in ("n", "mean_ma", "extractable", "verbatim", "over_unlearned",

@@ -18,7 +18,7 @@ in the band.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -49,6 +49,15 @@ class Band:
 
     def to_json(self) -> dict:
         return {"rule": self.rule, "lower": self.lower, "upper": self.upper, "calibrated_on": "holdout", "n": self.n}
+
+    def inset(self, margin: float) -> Band:
+        """The band with `margin` of its width taken off each edge (the middle stays put): what the unlearning loop
+        aims at under `--margin`, so that a sequence ends well inside, not on the edge it crossed. Unchanged under
+        the `mean` rule (one edge, no width)."""
+        if self.lower is None or self.upper is None or margin == 0:
+            return self
+        width = self.upper - self.lower
+        return replace(self, lower=self.lower + margin * width, upper=self.upper - margin * width)
 
 
 def check_rule(rule: str) -> str:
@@ -89,6 +98,15 @@ class LossBand:
     def to_json(self) -> dict:
         return {"rule": self.rule, "lower": self.lower, "upper": self.upper, "calibrated_on": "holdout", "n": self.n,
                 "score": "loss"}
+
+    def inset(self, margin: float) -> LossBand:
+        """The band with `margin` of its width taken off each edge (the middle stays put): what the unlearning loop
+        aims at under `--margin`, so that a sequence ends well inside, not on the edge it crossed. Unchanged under
+        the `mean` rule (one edge, no width)."""
+        if self.lower is None or self.upper is None or margin == 0:
+            return self
+        width = self.upper - self.lower
+        return replace(self, lower=self.lower + margin * width, upper=self.upper - margin * width)
 
 
 def _edges(rule: str, values: np.ndarray) -> tuple[float, float]:

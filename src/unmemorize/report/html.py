@@ -465,7 +465,9 @@ def oracle_section(before: dict | None, after: dict | None) -> dict | None:
     measures = (("forget_quality", "Forget quality (KS p-value; high = like the oracle)", 3, "g"),
                 ("ks_statistic", "KS statistic", 3, "f"),
                 ("privleak", "PrivLeak (0 = the oracle's leakage)", 1, "pct"),
-                ("status_agreement", "Status agreement with the oracle", 0, "pct"))
+                ("status_agreement", "Status agreement with the oracle", 0, "pct"),
+                ("umia_auc", "The oracle's own U-MIA AUC (forget vs holdout; the run's should not exceed it much)", 2,
+                 "f"))
     rows = [{"label": label, "before": fmt_kind(before.get(key), digits, kind),
              "after": fmt_kind(after.get(key), digits, kind)} for key, label, digits, kind in measures
             if key in before or key in after]

@@ -80,7 +80,9 @@ def print_oracle(result: AuditResult, console: Console) -> None:
     forget = oracle["oracle_forget"]
     console.print(f"Oracle: forget quality (KS p) {oracle['forget_quality']:.3g}, "
                   f"privleak ({oracle['privleak_score']}) {oracle['privleak']:+.1%}, "
-                  f"status agreement {oracle['status_agreement']:.0%}; under the oracle "
+                  f"status agreement {oracle['status_agreement']:.0%}"
+                  + (f", the oracle's own umia {oracle['umia_auc']:.2f}" if oracle.get("umia_auc") is not None else "")
+                  + "; under the oracle "
                   f"{forget['extractable']} extractable, {forget['verbatim']} verbatim, "
                   f"{forget['over_unlearned']} over-unlearned")
 

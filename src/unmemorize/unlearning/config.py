@@ -16,7 +16,8 @@ from .methods import METHODS, MethodSpec
 class LoopSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field("sga", description="A name from `unmemorize methods`.")
+    method: str = Field("hinge", description="A name from `unmemorize methods` (default: hinge, the recommended "
+                        "method).")
     method_args: dict[str, Any] = Field({}, description="The method's options (`unmemorize methods`): "
                                         "--method-arg KEY=VALUE.")
     lr: float | None = Field(None, gt=0, description="Learning rate (default: the method's).")
@@ -24,15 +25,20 @@ class LoopSettings(BaseModel):
     stop: Literal["band", "mean", "steps"] = Field("band", description="band: target reached; mean: forget mean "
                                                    "MA under holdout mean; steps: run --max-steps (task vector: "
                                                    "lambda = --max-lambda). See unlearn.target.")
-    target: Literal["ma", "indistinguishable"] = Field("ma", description="ma: no forget sequence extractable (MA "
-                                                       "above the band) or verbatim; indistinguishable: ma, and "
-                                                       "every forget sequence's loss inside the loss band too. See "
+    target: Literal["ma", "indistinguishable"] = Field("indistinguishable", description="ma: no forget sequence "
+                                                       "extractable (MA above the band) or verbatim; "
+                                                       "indistinguishable (the default, SPEC): ma, and every forget "
+                                                       "sequence's loss inside the loss band too. See "
                                                        "unlearning.target.")
+    margin: float | None = Field(None, ge=0, lt=0.5, description="Aim inside the bands by this fraction of their "
+                                 "width: a forget sequence gets gradient until its MA is under upper - margin * "
+                                 "width and its loss inside the loss band moved in as much (default: the "
+                                 "method's; the target itself is judged on the bands).")
     retain_loss: Literal["none", "nll", "kl"] | None = Field(None, description="Retain regularizer "
                                                              "(default: the method's).")
     retain_weight: float = Field(1.0, ge=0, description="Weight of the retain regularizer.")
     retain_batch: int = Field(12, ge=1, description="Retain sequences per step.")
-    neighbour_weight: float = Field(1.0, ge=0, description="Weight of KL(original || current) on a batch of "
+    neighbour_weight: float = Field(3.0, ge=0, description="Weight of KL(original || current) on a batch of "
                                     "--neighbours (unseen in-domain text that must stay as it was) each step, "
                                     "for any gradient method; unused without --neighbours.")
     lora: int = Field(0, ge=0, description="LoRA rank (0: train the weights themselves); merged on save.")
@@ -71,6 +77,10 @@ class LoopSettings(BaseModel):
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else self.spec.lr
+
+    @property
+    def aim_margin(self) -> float:
+        return self.margin if self.margin is not None else self.spec.margin
 
     @property
     def retain_kind(self) -> str:

@@ -70,16 +70,13 @@ class Batch:
 
 @dataclass(frozen=True)
 class StepState:
-    """What the loop measured before this step, for a method that steers each sequence: the bands of the last
-    calibration and, for every selected forget sequence (its index in the forget set), its direction
-    (`target.FORGET` = +1: push its loss up; `target.PULL_BACK` = -1: pull its loss back down)."""
+    """What the loop measured before this step, for a method that steers each sequence into the band: the MA
+    band and the loss band of the last calibration, moved in by the margin (what the loop aims at), and the prefix
+    length a verbatim check uses."""
 
     band: Band
     loss_band: LossBand
-    direction: dict[int, int]
-
-    def directions_of(self, batch: Batch) -> list[int]:
-        return [self.direction[i] for i in batch.indices]
+    prefix_tokens: int
 
 
 @dataclass

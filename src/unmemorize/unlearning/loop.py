@@ -7,8 +7,8 @@ Reads top to bottom. Each step:
      unseen data too); stop when the stop rule is met or at max_steps (the rules: `target`'s docstring);
   3. select the sequences that get gradient (the method's selection: every one, or only those still above
      the band or verbatim, and under `--target indistinguishable` those under the loss band; never those
-     over-unlearned on loss, except under `two_way`, which pulls them back) and tell the method, in
-     `ctx.step`, the bands and each selected sequence's direction (+1 forget, -1 pull back);
+     over-unlearned on loss, except under `two_way`, which pulls them back; all against the bands moved in by
+     `--margin`) and tell the method those bands (`ctx.step`);
   4. loss = forget loss + retain_weight * retain regularizer (+ neighbour_weight * KL to the original model
      on a batch of `--neighbours`, unseen in-domain text, when given); backward; Adam step;
   5. log the step to trajectory.jsonl; every `guard_every` steps check utility and keep the best state;
@@ -33,7 +33,7 @@ from ..progress import progress
 from .checkpoint import load_checkpoint, save_checkpoint
 from .context import Batch, Context, LoopOutcome, StepState, TokenSets
 from .retain import retain_loss
-from .target import NOTHING_LEFT, TWO_WAY, Target, directions, selected
+from .target import NOTHING_LEFT, TWO_WAY, Target, selected
 
 if TYPE_CHECKING:
     from .config import LoopSettings
@@ -96,7 +96,7 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         active = selected(selection, above, len(sets.forget), check.over)
         if not active:
             return finish(NOTHING_LEFT)
-        ctx.step = StepState(target.band, target.loss_band, directions(active, above))
+        ctx.step = StepState(*target.aims, audit.prefix_tokens)
 
         # --- one gradient step -------------------------------------------------------------------------
         # Data parallel: each rank takes a shard of the active sequences (the same retain batch on every rank);

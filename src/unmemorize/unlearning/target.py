@@ -13,6 +13,12 @@ The target (`--target`):
   ma                 no forget sequence extractable or verbatim (the paper's).
   indistinguishable  ma, and every forget sequence's loss inside the loss band.
 
+The margin (`--margin`, default the method's: 0.25 for `hinge`, 0 for the others). The loop aims inside the
+bands by that fraction of their width (`Band.inset`): a sequence keeps getting gradient until it is inside the
+band moved in, so it ends well inside rather than on the edge it crossed, where an attacker who compares it
+with unseen text still sees it at the extreme, and a small change pushes it back out. The target itself (and
+run.json's `target_reached`) is judged on the bands, after unlearning.
+
 Blocking. A forget sequence blocks the target while its MA is above the band (`extractable`) or its prefix
 of `prefix_tokens` tokens still makes the model continue it verbatim, and under `indistinguishable` also while
 its loss is under the loss band (`memorized` on loss). `blocking` lists them (`Check.above`): they are what is
@@ -33,8 +39,8 @@ The stop rules (`--stop`):
 Under every rule the loop stops at `--max-steps`, and the utility guard (`--max-utility-drop`) stops the
 loop (restoring the best step) or caps lambda.
 
-Two-way selection (`two_way`, method `hinge`): the blocking sequences are pushed up (direction FORGET) and
-those over-unlearned on loss pulled back (PULL_BACK); `directions` gives each selected sequence its direction.
+Two-way selection (`two_way`, method `hinge`): the blocking sequences, to push into the band, and those
+over-unlearned on loss, to pull back into it (the method reads which is which from the bands in `ctx.step`).
 A Target made with `pulls_back=True` does not stop on OVER_LEFT under `indistinguishable`: the method can
 still bring those sequences back, so the band rule waits for them (or --max-steps).
 
@@ -70,8 +76,7 @@ if TYPE_CHECKING:
 # Stop rules (`--stop`) and selections (which forget sequences a method trains on).
 BAND, MEAN, STEPS = "band", "mean", "steps"
 ALL = "all"
-TWO_WAY = "two_way"  # `band`'s blocking sequences (pushed up: +1) and those over-unlearned on loss (pulled back: -1)
-FORGET, PULL_BACK = 1, -1  # the direction of a selected sequence under `two_way`
+TWO_WAY = "two_way"  # `band`'s blocking sequences and those over-unlearned on loss (to pull back)
 
 TARGET_REACHED = "target reached: no forget sequence above the band or verbatim"
 MEAN_REACHED = "forget mean MA fell under the holdout mean (aggregate rule)"
@@ -110,13 +115,6 @@ def selected(selection: str, above: list[int], count: int, over: list[int] = ())
     if selection == TWO_WAY:
         return sorted({*above, *over})
     return list(above) if selection == BAND else list(range(count))
-
-
-def directions(active: list[int], above: list[int]) -> dict[int, int]:
-    """{index: FORGET or PULL_BACK} of the selected sequences: those blocking the target are pushed up (forget,
-    even when also over-unlearned on loss), the others pulled back."""
-    blocking_set = set(above)
-    return {i: FORGET if i in blocking_set else PULL_BACK for i in active}
 
 
 @dataclass
@@ -176,14 +174,21 @@ class Target:
         """Whether the target asks for the loss band too (`indistinguishable`)."""
         return self.target == INDISTINGUISHABLE
 
+    @property
+    def aims(self) -> tuple[Band, LossBand]:
+        """The bands of the last calibration moved in by the margin (`--margin`): what the loop drives toward."""
+        margin = self.settings.aim_margin
+        return self.band.inset(margin), self.loss_band.inset(margin)
+
     def blocking(self, scores) -> list[int]:
-        """The forget sequences left to push down (see the module docstring)."""
-        return blocking(scores, self.band, self.settings.audit.prefix_tokens,
-                        self.loss_band if self.on_loss else None)
+        """The forget sequences left to push down (see the module docstring), against the aimed bands."""
+        band, loss_band = self.aims
+        return blocking(scores, band, self.settings.audit.prefix_tokens, loss_band if self.on_loss else None)
 
     def measure(self, scores) -> Check:
-        """Against the last calibration: what is left to push down and what is over-unlearned on loss."""
-        return Check(self.blocking(scores), None, over_unlearned(scores, self.loss_band), self.on_loss)
+        """Against the last calibration (moved in by the margin): what is left to push down and what is
+        over-unlearned on loss."""
+        return Check(self.blocking(scores), None, over_unlearned(scores, self.aims[1]), self.on_loss)
 
     def check(self, scores, *, recalibrate: bool) -> Check:
         """Which sequences block the target, and whether the stop rule is met. Calibrates the bands first when

@@ -84,9 +84,9 @@ class GradientMethod(Method):
 @dataclass(frozen=True)
 class MethodSpec:
     """A method by name: its stages (method classes run one after the other, each on what the previous left),
-    which forget sequences they train on (ALL; BAND: only those blocking the target; TWO_WAY: those, pushed up,
-    and those over-unlearned on loss, pulled back: the loop passes each one's direction in `ctx.step`), the retain
-    regularizer it adds by default (none | nll | kl) and its default learning rate."""
+    which forget sequences they train on (ALL; BAND: only those blocking the target; TWO_WAY: those, and those
+    over-unlearned on loss, to pull back: the loop passes the bands of the step in `ctx.step`), the retain
+    regularizer it adds by default (none | nll | kl), its default learning rate and margin (`--margin`)."""
 
     name: str
     summary: str
@@ -94,6 +94,7 @@ class MethodSpec:
     selection: str = ALL
     retain_loss: str = "none"
     lr: float = 2e-5
+    margin: float = 0.0  # the loop aims this fraction of each band's width inside it (`--margin`)
 
     def __post_init__(self) -> None:
         if self.selection not in (ALL, BAND, TWO_WAY):

@@ -1,38 +1,63 @@
-"""Two-way hinge on the loss band: push each blocking sequence's loss up into the band, pull each over-unlearned
-one back down into it, and leave a sequence alone once it is there.
+"""Two-way band hinge (the recommended method): drive every forget sequence into the band of "looks unseen" on
+both scores an attacker reads first, loss and MA, by the smallest change that gets it there, and leave it
+alone once it is inside.
 
-For each selected forget sequence i, with l_i its mean token NLL (a mean over its predicted tokens x_2..x_T),
-[lo, hi] the loss band of the current calibration (the holdout under the current model), c = (lo + hi) / 2:
+For a selected forget sequence i with predicted tokens t = 2..T_i (n_i of them), z_t the logits at t:
 
-    forget     (d_i = +1: MA above the band, verbatim, or loss under lo):
-                   h_i = relu(t_i - l_i),   t_i = c if l_i < c else hi'
-    pull back  (d_i = -1: loss above hi, over-unlearned):
-                   h_i = relu(l_i - c)
+    l_i   = (1/n_i) sum_t -log p(x_t | x_<t)                 its loss (mean token NLL)
+    m_t   = log p(x_t) - max_{v != x_t} sg[log p(v)]         the margin of the true token (> 0: argmax right;
+                                                             sg: no gradient through the rival)
+    MA_i  = (1/n_i) #{t : m_t > 0}
 
-    loss = (1 / B) * sum_i h_i           over the B selected sequences of the batch
+Loss band [lo, hi] and MA band [a, b]: those the loop aims at (`ctx.step`), i.e. the bands of the current
+calibration (the holdout under the current model) moved in by `--margin` of their width (0.25 for `hinge`: see
+`unlearning.target`); c = (lo + hi) / 2 the middle of the loss band.
 
-with hi' = hi - margin * (hi - lo) (the middle c stays put). A sequence still extractable on MA although its
-loss passed the middle is pushed up to hi', never beyond; under the `mean` band rule (no upper edge, no margin)
-the only target is lo: h_i = relu(lo - l_i) (and relu(l_i - lo) to pull back, which that rule never asks).
-The loss is zero inside the targets, so unlike ascent it cannot run away: a sequence overshoots its target by
-at most one optimizer step, and one pushed over the band is pulled back. Selection `two_way`
-(`target.TWO_WAY`): the loop gives the direction d_i of every selected sequence and the bands in `ctx.step`.
-Unseen in-domain text is kept as it was by the loop-level `--neighbours` KL (any method), not by this loss.
+    loss term   L_i = c - l_i   if l_i < lo      (memorized on loss: push up toward the middle)
+                      l_i - c   if l_i > hi      (over-unlearned on loss: pull back toward the middle)
+                      0         otherwise
+    MA term     M_i = (1/k_i) sum_{t in K_i} relu(m_t + delta)    if MA_i > b (extractable), else 0
+                k_i = ceil(n_i MA_i - n_i b): the fewest right tokens whose flip brings MA_i to b
+                K_i = the k_i right tokens (m_t > 0) with the smallest margins; when the sequence is verbatim
+                      (every token after its prefix of P = min(prefix_tokens, T_i // 2) right) and none of K_i
+                      lies there, the suffix token with the smallest margin joins K_i (k_i >= 1).
+
+    loss = (1/B) sum_i (L_i + ma_weight * M_i)       over the B selected sequences of the batch
+
+Why two terms. Raising mean NLL alone moves MA little: the gradient of -log p_t vanishes on tokens the model
+is sure of, so ascent raises the loss on the tokens that were already uncertain while the memorized ones keep
+their argmax (measured on the demo victim: the loss hinge reached its target with 9 of 12 records still
+extractable). The MA term acts on exactly the memorized tokens that are cheapest to flip, and only on as many
+as the band asks for, and stops a flipped token delta nats under its best rival, not at -inf. The margin's
+gradient is that of log p(x_t) (the rival is held fixed): it takes mass from the true token and spreads it over
+every other token by its probability. The logit margin z[x_t] - z[rival] has the same value but hands the mass
+to the one rival, which left the model confidently wrong at the flipped tokens; measured on the demo (default
+options, its neighbours): U-MIA 0.64 -> 0.57, forget quality 0.54 -> 0.87, holdout perplexity x1.17 -> x1.08,
+in 20 -> 35 steps (docs/methods.md). Both terms are zero inside the band, so nothing runs away: a
+sequence overshoots by at most one optimizer step and one pushed past the loss band is pulled back (selection
+`two_way`: the loop trains the sequences blocking the target and those over-unlearned on loss). Unseen
+in-domain text is kept as it was by the loop-level `--neighbours` KL (any method), not by this loss.
+
+Under the `mean` band rule (no upper loss edge, no lower MA edge; no margin) the loss term is relu(lo - l_i).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field
 
+from ...measure.scoring import forward_logits
 from ..context import SEQUENCES, Batch, Context
 from .base import TWO_WAY, GradientMethod, MethodConfig, MethodSpec
 
 
 class HingeConfig(MethodConfig):
-    margin: float = Field(0.0, ge=0, lt=0.5, description="Fraction of the loss band's width kept away from its "
-                          "upper edge: the forget target hi becomes hi - margin * (hi - lo); 0 aims at the edge "
-                          "itself. Unused under the mean band rule (no hi).")
+    ma_weight: float = Field(1.0, ge=0, description="Weight of the MA term (flip the fewest right tokens that "
+                             "bring MA into the band); 0 leaves the loss term alone.")
+    delta: float = Field(1.0, ge=0, description="How far (in nats of log p) a flipped token ends under its best "
+                         "rival.")
 
 
 class Hinge(GradientMethod):
@@ -41,32 +66,62 @@ class Hinge(GradientMethod):
 
     def loss(self, ctx: Context, forget: Batch, retain: Batch | None) -> torch.Tensor:
         if ctx.step is None:
-            raise RuntimeError("hinge needs the loop's step state (ctx.step): the bands and each direction")
-        nll = -ctx.token_logprobs(forget).sum(-1) / forget.target_mask.sum(-1)  # l_i, a mean per sequence
-        direction = torch.tensor(ctx.step.directions_of(forget), device=nll.device)
-        lo, hi = hinge_edges(ctx.step.loss_band.lower, ctx.step.loss_band.upper, self.config.margin)
-        value = nll.detach()
-        if hi is None:  # the mean rule: lo is the only target
-            forget_target = torch.full_like(value, lo)
-            middle = torch.full_like(value, lo)
-        else:
-            middle = torch.full_like(value, (lo + hi) / 2)
-            forget_target = torch.where(value < middle, middle, torch.full_like(value, hi))
-        pushed = torch.relu(forget_target - nll)
-        pulled = torch.relu(nll - middle)
-        return torch.where(direction > 0, pushed, pulled).mean()
+            raise RuntimeError("hinge needs the loop's step state (ctx.step): the bands of this step")
+        logits = forward_logits(ctx.model, forget.input_ids, forget.mask, ctx.runtime)[:, :-1].float()
+        targets = forget.input_ids[:, 1:, None]
+        mask = forget.target_mask
+        logprobs = torch.log_softmax(logits, -1)
+        nll = -(logprobs.gather(-1, targets).squeeze(-1) * mask).sum(-1) / mask.sum(-1)
+        margins = true_margins(logprobs, targets)
+        step, config = ctx.step, self.config
+        loss_term = band_hinge(nll, step.loss_band.lower, step.loss_band.upper)
+        if config.ma_weight == 0:
+            return loss_term.mean()
+        ma_term = torch.stack([
+            flip_hinge(margins[row, :n], step.band.upper, config.delta, min(step.prefix_tokens, (n + 1) // 2))
+            for row, n in enumerate(mask.sum(-1).long().tolist())])
+        return (loss_term + config.ma_weight * ma_term).mean()
 
 
-def hinge_edges(lower: float, upper: float | None, margin: float) -> tuple[float, float | None]:
-    """(lo', hi') of the loss band with `margin` of its width kept away from each edge (the middle stays put);
-    (lower, None) under the mean rule."""
+def true_margins(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """m_t = log p(x_t) - max_{v != x_t} log p(v), the rival held fixed: the value of the logit margin, with the
+    gradient of log p(x_t) (mass taken from the true token is spread over all others by their probabilities,
+    not handed to the one rival). `targets`: (..., 1) token ids."""
+    true = logprobs.gather(-1, targets).squeeze(-1)
+    return true - logprobs.detach().scatter(-1, targets, float("-inf")).amax(-1)
+
+
+def band_hinge(loss: torch.Tensor, lower: float, upper: float | None) -> torch.Tensor:
+    """The loss term of each sequence: its distance to the middle of the loss band when outside it, 0 inside;
+    under the mean rule (no upper edge) relu(lower - loss)."""
     if upper is None:
-        return lower, None
-    width = upper - lower
-    return lower + margin * width, upper - margin * width
+        return torch.relu(lower - loss)
+    middle = (lower + upper) / 2
+    zero = torch.zeros_like(loss)
+    return torch.where(loss < lower, middle - loss, torch.where(loss > upper, loss - middle, zero))
+
+
+def flip_hinge(margins: torch.Tensor, upper: float, delta: float, prefix: int) -> torch.Tensor:
+    """The MA term of one sequence, from the margins m_t of its n predicted tokens, for the MA band's upper edge
+    `upper` (`prefix` = P: the suffix is margins[P-1:], the tokens x_{P+1}..x_T a verbatim check reads)."""
+    n = margins.numel()
+    right = margins.detach() > 0
+    count = int(right.sum())
+    flips = math.ceil(count - n * upper - 1e-9) if count / n > upper else 0
+    suffix = max(prefix - 1, 0)
+    verbatim = bool(right[suffix:].all())
+    if flips <= 0 and not verbatim:
+        return margins.sum() * 0  # zero, with a gradient of zero that still joins the graph
+    ranked = torch.where(right, margins.detach(), torch.full_like(margins, float("inf"))).argsort()
+    chosen = ranked[:max(flips, 0)].tolist()
+    if verbatim and not any(t >= suffix for t in chosen):
+        tail = ranked[(ranked >= suffix)]
+        chosen.append(int(tail[0]))
+    return torch.relu(margins[chosen] + delta).mean()
 
 
 SPECS = [
-    MethodSpec("hinge", "two-way hinge on the loss band: push blocking sequences into it, pull over-unlearned "
-               "ones back, zero inside (bounded)", (Hinge,), selection=TWO_WAY, retain_loss="nll", lr=1e-4),
+    MethodSpec("hinge", "two-way band hinge (recommended): loss and MA of each sequence into the band by the "
+               "smallest change, pulled back when over, zero inside (bounded)", (Hinge,), selection=TWO_WAY,
+               retain_loss="nll", lr=3e-5, margin=0.25),
 ]
