@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from unmemorize.evaluate.suite import audit_oracle
 from unmemorize.io.models import load_model, make_runtime, state_sha256
@@ -39,15 +39,6 @@ COLUMNS = ["method", "lr", "target", "steps", "unlearn s", "extractable", "verba
            "loss mem/band/over", "umia [CI]", "forget quality", "retain MA", "general ppl", "holdout ppl",
            "rep. 3-grams", "stop reason"]
 QUICK = {"holdout": 20, "retain": 12, "retain_general": 8, "general": 16, "neighbours": 12}
-
-
-def machine() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
 
 
 def row_of(name: str, multiple: float, result: RunResult) -> dict:
@@ -188,7 +179,7 @@ def main() -> None:
     # Audited once like compare does: every run compares its forget losses with these.
     oracle_audit = audit_oracle(oracle, sets, audit_settings, runtime) if oracle else None
     f = before.summary("forget")
-    header = [f"# machine: {machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    header = [f"# machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"runtime {runtime.describe()}",
               f"# victim: {victim}; oracle: {oracle or 'none'}",
               f"# sets: request {len(data.forget)}, retain {len(sets['retain'])} (of them "

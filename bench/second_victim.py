@@ -19,9 +19,10 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+from machine import cpu_model
 
 from unmemorize.io.models import make_runtime
 from unmemorize.io.sets import write_jsonl
@@ -32,15 +33,6 @@ from unmemorize.runs.run import unlearn
 from unmemorize.unlearning.methods import METHODS
 
 GENERATOR = "clinical"
-
-
-def machine() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
 
 
 def fmt(value, spec: str = ".3f") -> str:
@@ -74,8 +66,9 @@ def goal_table(run_dir: Path) -> str:
     # the oracle's own U-MIA AUC (its privacy on the same sets)
     own_privacy = oracle.get("oracle_privacy") or oracle  # with its CI where there is one
     own = own_privacy.get("umia_auc", oracle.get("umia_auc"))
-    ci = after["privacy"].get("umia_auc_ci")
-    umia_ok = None if own is None or not ci else ci[0] <= own <= ci[1]
+    # the goal: at most 0.65, or at most the oracle's own + 0.05 where the oracle's is higher
+    limit = 0.65 if own is None else max(0.65, own + 0.05)
+    umia_ok = after["privacy"]["umia_auc"] <= limit
     fq = oracle.get("forget_quality")
     holdout_ratio = u1["holdout_ppl"] / u0["holdout_ppl"]
     general_change = u1["general_ppl"] / u0["general_ppl"] - 1
@@ -96,7 +89,7 @@ def goal_table(run_dir: Path) -> str:
         ("request loss over-unlearned", fmt(f0.get("loss_over_unlearned")), fmt(f1.get("loss_over_unlearned")), "0",
          met(f1.get("loss_over_unlearned") == 0)),
         ("U-MIA AUC [CI] (oracle's own: " + auc(own_privacy) + ")", auc(before.get("privacy")),
-         auc(after.get("privacy")), "oracle's AUC inside the CI", met(umia_ok)),
+         auc(after.get("privacy")), f"<= {limit:.3f} (0.65, or the oracle's + 0.05)", met(umia_ok)),
         ("forget quality (KS p vs oracle)", "—", fmt(fq), ">= 0.05", met(None if fq is None else fq >= 0.05)),
         ("holdout perplexity", fmt(u0["holdout_ppl"], ".2f"), fmt(u1["holdout_ppl"], ".2f") +
          f" (x{holdout_ratio:.3f})", "after/before <= 1.25", met(holdout_ratio <= 1.25)),
@@ -186,7 +179,7 @@ def main() -> int:
         run_dir = out / "run"
     text = "\n\n".join([
         f"## Unlearning goals on a second victim (generator: {GENERATOR})",
-        f"Machine: {machine()}; runtime {runtime.describe()}",
+        f"Machine: {cpu_model()}; runtime {runtime.describe()}",
         f"Command: `OMP_NUM_THREADS=1 UNMEMORIZE_HOME={embedded.home()} {command}`",
         "### The victim (recipe.json)", properties(victim),
         "### Goals", goal_table(run_dir),
