@@ -42,6 +42,10 @@ def test_the_help_names_the_defaults_the_settings_use():
     assert f"else {defaults.method}]\n" in reference
     assert reference.count(f"[default: {defaults.target}]\n") == 2  # unlearn and compare
     assert "[default: 200]" in reference  # the other defaults show too
+    for option, key in (("--retain-weight", "retain_weight"), ("--neighbour-weight", "neighbour_weight"),
+                        ("--max-steps", "max_steps")):  # each number the help states is the setting's
+        lines = [line for line in reference.splitlines() if line.startswith(f"* `{option} ")]
+        assert lines and all(f"[default: {getattr(defaults, key)}]" in line for line in lines), (option, lines)
 
 
 def test_methods_marks_the_default():

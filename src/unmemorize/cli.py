@@ -228,7 +228,7 @@ TargetOpt = Annotated[str | None, Opt("--target", help="indistinguishable: no fo
                                       "verbatim, and every forget loss inside the loss band; ma: the first two "
                                       "only (the paper's). \\[default: indistinguishable]")]
 RetainLoss = Annotated[str | None, Opt("--retain-loss", help="none | nll | kl \\[default: the method's]")]
-RetainWeight = Annotated[float | None, Opt("--retain-weight", help="\\[default: 3.0]")]
+RetainWeight = Annotated[float | None, Opt("--retain-weight", help="\\[default: 1.0]")]
 Neighbours = Annotated[str | None, Opt("--neighbours", help="Unseen in-domain text that must stay as it was: each "
                                        "step adds --neighbour-weight * KL to the original model on a batch of it "
                                        "(any gradient method). Must not share sequences with --forget or "
