@@ -25,10 +25,9 @@ from pathlib import Path
 from machine import cpu_model
 
 from unmemorize.io.models import make_runtime
-from unmemorize.io.sets import write_jsonl
 from unmemorize.runs import embedded
 from unmemorize.runs.config import UnlearnSettings
-from unmemorize.runs.demo import RETAIN_GENERAL_CHUNKS, SOURCES
+from unmemorize.runs.demo import SOURCES, write_sets
 from unmemorize.runs.run import unlearn
 from unmemorize.unlearning.methods import METHODS
 
@@ -157,12 +156,7 @@ def main() -> int:
         oracle_path = embedded.victim_checkpoint(runtime, oracle=True, recipe=recipe)
         print(f"oracle: {oracle_path}", flush=True)
         data = embedded.demo_data(embedded.RECIPE["data_seed"], generator=GENERATOR)
-        sets = {"forget": data.forget, "holdout": data.holdout,
-                "retain": data.retain + data.general_train[:RETAIN_GENERAL_CHUNKS]}
-        files = {}
-        for name, sequences in {**sets, "neighbours": data.neighbours, "general": data.general}.items():
-            files[name] = out / "data" / f"{name}.jsonl"
-            write_jsonl(files[name], sequences)
+        sets, files = write_sets(data, out / "data")
         run_dir = out / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # this script owns its folder: a re-run replaces the run
         shutil.rmtree(run_dir.with_name("run.partial"), ignore_errors=True)

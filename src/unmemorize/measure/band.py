@@ -33,8 +33,24 @@ TARGETS = (MA_TARGET, INDISTINGUISHABLE)
 DEFAULT_RULE = "quantile:0.05,0.95"
 
 
+class _Edges:
+    """What both bands share: a lower and an upper edge, either of which the `mean` rule leaves out."""
+
+    lower: float | None
+    upper: float | None
+
+    def inset(self, margin: float):
+        """The band with `margin` of its width taken off each edge (the middle stays put): what the unlearning loop
+        aims at under `--margin`, so that a sequence ends well inside, not on the edge it crossed. Unchanged under
+        the `mean` rule (one edge, no width)."""
+        if self.lower is None or self.upper is None or margin == 0:
+            return self
+        width = self.upper - self.lower
+        return replace(self, lower=self.lower + margin * width, upper=self.upper - margin * width)
+
+
 @dataclass(frozen=True)
-class Band:
+class Band(_Edges):
     rule: str
     lower: float | None
     upper: float
@@ -49,15 +65,6 @@ class Band:
 
     def to_json(self) -> dict:
         return {"rule": self.rule, "lower": self.lower, "upper": self.upper, "calibrated_on": "holdout", "n": self.n}
-
-    def inset(self, margin: float) -> Band:
-        """The band with `margin` of its width taken off each edge (the middle stays put): what the unlearning loop
-        aims at under `--margin`, so that a sequence ends well inside, not on the edge it crossed. Unchanged under
-        the `mean` rule (one edge, no width)."""
-        if self.lower is None or self.upper is None or margin == 0:
-            return self
-        width = self.upper - self.lower
-        return replace(self, lower=self.lower + margin * width, upper=self.upper - margin * width)
 
 
 def check_rule(rule: str) -> str:
@@ -79,7 +86,7 @@ def check_rule(rule: str) -> str:
 
 
 @dataclass(frozen=True)
-class LossBand:
+class LossBand(_Edges):
     """The band of holdout loss (mean token NLL): below it a sequence is too likely (`memorized`), above it
     unusually unlikely (`over_unlearned`). `upper` is None under the `mean` rule."""
 
@@ -98,15 +105,6 @@ class LossBand:
     def to_json(self) -> dict:
         return {"rule": self.rule, "lower": self.lower, "upper": self.upper, "calibrated_on": "holdout", "n": self.n,
                 "score": "loss"}
-
-    def inset(self, margin: float) -> LossBand:
-        """The band with `margin` of its width taken off each edge (the middle stays put): what the unlearning loop
-        aims at under `--margin`, so that a sequence ends well inside, not on the edge it crossed. Unchanged under
-        the `mean` rule (one edge, no width)."""
-        if self.lower is None or self.upper is None or margin == 0:
-            return self
-        width = self.upper - self.lower
-        return replace(self, lower=self.lower + margin * width, upper=self.upper - margin * width)
 
 
 def _edges(rule: str, values: np.ndarray) -> tuple[float, float]:

@@ -54,6 +54,19 @@ DEMO_RUNS = {
 SOURCES = ("forget", "holdout", "retain", "neighbours")
 
 
+def write_sets(data: embedded.DemoData, folder: Path) -> tuple[dict, dict[str, Path]]:
+    """(the sets of a demo run: forget, holdout, and retain = the other records + RETAIN_GENERAL_CHUNKS of the
+    victim's general training text; each set's file), every set written to `folder` as JSONL with the
+    neighbours and the general text."""
+    sets = {"forget": data.forget, "holdout": data.holdout,
+            "retain": data.retain + data.general_train[:RETAIN_GENERAL_CHUNKS]}
+    files = {}
+    for name, sequences in {**sets, "neighbours": data.neighbours, "general": data.general}.items():
+        files[name] = folder / f"{name}.jsonl"
+        write_jsonl(files[name], sequences)
+    return sets, files
+
+
 def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False, attacks: bool = False,
              rebuild: bool = False) -> dict:
     """`rebuild`: train the victim (and the oracle) from scratch instead of merging the shipped adapters."""
@@ -64,12 +77,7 @@ def run_demo(out: Path, runtime: Runtime, console: Console, oracle: bool = False
     victim = embedded.victim_checkpoint(runtime, rebuild=rebuild)
     oracle_path = embedded.victim_checkpoint(runtime, oracle=True, rebuild=rebuild) if oracle else None
     data = embedded.demo_data(embedded.RECIPE["data_seed"])
-    sets = {"forget": data.forget, "holdout": data.holdout,
-            "retain": data.retain + data.general_train[:RETAIN_GENERAL_CHUNKS]}
-    files = {}
-    for name, sequences in {**sets, "neighbours": data.neighbours, "general": data.general}.items():
-        files[name] = out / "data" / f"{name}.jsonl"
-        write_jsonl(files[name], sequences)
+    sets, files = write_sets(data, out / "data")
 
     # EL on the request only: on the unmemorized holdout and retain text every prefix diverges and must be
     # decoded, which made EL the bulk of the demo's time while telling nothing the band does not.
