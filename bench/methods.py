@@ -4,11 +4,14 @@ loss statuses), privacy (U-MIA AUC, forget quality against the oracle) and utili
 
     .venv/bin/python bench/methods.py [--methods sga,ga,...] [--max-steps 60] [--lrs 0.3,1,3]
         [--target indistinguishable] [--no-oracle] [--no-neighbours] [--extra JSON] [--out DIR] [--quick]
+        [--attacks]
     .venv/bin/python bench/methods.py --render DIR/grid.jsonl
 
 `--lrs` are multiples of each method's own default learning rate. Each row is printed as soon as it is
 measured; with `--out` the run folders and `<out>/grid.jsonl` (one JSON line per row) are kept, and `--render`
-prints the tables again from that file. Paste the tables into docs/methods.md with the command and the machine.
+prints the tables again from that file. `--attacks` runs the default attacks (`unmemorize attacks`) on every
+unlearned model and adds a table of what each brings back (issue 13). Paste the tables into docs/methods.md
+with the command and the machine.
 
 Best lr per method: among a method's rows, target reached first; then the fewest blocking sequences
 (extractable + verbatim + loss memorized + loss over-unlearned); then the U-MIA AUC closest to 0.5; then the
@@ -55,7 +58,9 @@ def row_of(name: str, multiple: float, result: RunResult) -> dict:
             "forget_quality": oracle["forget_quality"] if oracle else None,
             **{k: [u0.get(k), u1.get(k)] for k in ("retain_ma", "general_ppl", "holdout_ppl")},
             "repeated_3gram": [(u.get("generation") or {}).get("repeated_ngram_share") for u in (u0, u1)],
-            "stop_reason": run["stop_reason"], "out": str(result.out)}
+            "stop_reason": run["stop_reason"], "out": str(result.out),
+            "attacks": {attack: [entry["returned_extractable"], entry["returned_verbatim"]]
+                        for attack, entry in (result.after.extra.get("attacks") or {}).items()}}
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -122,6 +127,19 @@ def print_best(rows: list[dict]) -> None:
         print(grid_line(row))
 
 
+def print_attacks(rows: list[dict]) -> None:
+    """Per run, what each attack brought back: returned extractable / returned verbatim."""
+    attacked = [row for row in rows if row.get("attacks")]
+    if not attacked:
+        return
+    names = list(dict.fromkeys(name for row in attacked for name in row["attacks"]))
+    print("\n## Attacks (returned extractable / verbatim)\n\n| method | lr | " + " | ".join(names) + " |\n"
+          + "|---" * (len(names) + 2) + "|")
+    for row in attacked:
+        cells = ["/".join(str(v) for v in row["attacks"][n]) if n in row["attacks"] else "-" for n in names]
+        print(f"| {row['method']} | {row['lr']:.0e} (×{row['multiple']:g}) | " + " | ".join(cells) + " |")
+
+
 def render(path: Path) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for record in records:
@@ -132,6 +150,7 @@ def render(path: Path) -> None:
     for row in rows:
         print(grid_line(row))
     print_best(rows)
+    print_attacks(rows)
 
 
 def main() -> None:
@@ -149,6 +168,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the run folders and grid.jsonl here")
     parser.add_argument("--retain-general", type=int, default=RETAIN_GENERAL_CHUNKS,
                         help="documentation chunks of the victim's training data added to the retain set (as the demo)")
+    parser.add_argument("--attacks", action="store_true", help="run the default attacks on every unlearned model "
+                        "(`unmemorize attacks`) and print what each brings back")
     parser.add_argument("--quick", action="store_true", help="smoke test: small sets, 2 steps, lr ×1 only")
     parser.add_argument("--render", type=Path, default=None, help="print the tables of a grid.jsonl and exit")
     args = parser.parse_args()
@@ -185,7 +206,8 @@ def main() -> None:
               f"# sets: request {len(data.forget)}, retain {len(sets['retain'])} (of them "
               f"{args.retain_general} doc chunks), holdout {len(sets['holdout'])}, general {len(general)}, "
               f"neighbours {len(neighbours) if neighbours else 0}{' (--quick)' if args.quick else ''}",
-              f"# target {args.target}; max steps {args.max_steps}; lr × {args.lrs}; extra {args.extra}",
+              f"# target {args.target}; max steps {args.max_steps}; lr × {args.lrs}; extra {args.extra}"
+              f"{'; attacks (defaults)' if args.attacks else ''}",
               f"# before: extractable {f['extractable']}/{f['n']}, verbatim {f['verbatim']}, "
               f"loss memorized {f['loss_memorized']}, umia {before.privacy.get('umia_auc', float('nan')):.2f}"]
     root = args.out or Path(tempfile.mkdtemp(prefix="bench-methods-"))
@@ -203,7 +225,7 @@ def main() -> None:
     print("\n## Grid\n\n" + table_head(), flush=True)
     rows: list[dict] = []
     before_utility = None
-    evaluation = {"oracle": oracle, "attacks": None, "health": True}
+    evaluation = {"oracle": oracle, "attacks": {} if args.attacks else None, "health": True}
     for name in args.methods.split(","):
         for multiple in (float(m) for m in args.lrs.split(",")):
             lr = METHODS[name].lr * multiple
@@ -228,6 +250,7 @@ def main() -> None:
             if args.out is None:
                 shutil.rmtree(out, ignore_errors=True)
     print_best(rows)
+    print_attacks(rows)
     if grid:
         grid.close()
 

@@ -12,9 +12,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from unmemorize.errors import InputError
-from unmemorize.evaluate.attacks import ATTACKS, AttackSettings, run_attacks
+from unmemorize.evaluate.attacks import ATTACKS, DEFAULT_ATTACKS, OPT_IN, AttackSettings, run_attacks
 from unmemorize.evaluate.attacks.prefix import Split
-from unmemorize.evaluate.attacks.quantize import quantize_model, round_trip
+from unmemorize.evaluate.attacks.quantize import absmax_round_trip, quantize_model
 from unmemorize.evaluate.attacks.sampling import lcs_length, rouge_l
 from unmemorize.io.models import state_sha256
 from unmemorize.io.tokens import encode, pad
@@ -81,10 +81,10 @@ def test_sampling_extracts_nothing_from_a_model_that_never_saw_the_set(tiny_load
 
 
 @pytest.mark.parametrize(("bits", "group"), [(8, None), (4, 64), (4, 7)])
-def test_quantization_round_trip_error_is_at_most_half_a_step(bits, group):
+def test_absmax_round_trip_error_is_at_most_half_a_step(bits, group):
     weight = torch.randn(5, 150, generator=torch.Generator().manual_seed(0))
     weight[2] = 0  # an all-zero row stays zero
-    quantized, scale = round_trip(weight, bits, group)
+    quantized, scale = absmax_round_trip(weight, bits, group)
     qmax = 2 ** (bits - 1) - 1
     assert quantized.shape == weight.shape == scale.shape
     assert ((weight - quantized).abs() <= scale / 2 * (1 + 1e-6)).all()
@@ -99,25 +99,26 @@ def test_quantization_round_trip_error_is_at_most_half_a_step(bits, group):
         assert quantized[0, start + k] == pytest.approx(float(block[k]), rel=1e-6)
 
 
-def test_quantized_model_stays_within_bound_and_8bit_keeps_memorized(tiny_loaded, tiny):
+def test_absmax_quantized_model_stays_within_bound_and_8bit_keeps_memorized(tiny_loaded, tiny):
     model, tokenizer, runtime = tiny_loaded
     before = state_sha256(model)
     original = {name: w.detach().clone() for name, w in model.state_dict().items()}
     copied = copy.deepcopy(model)
-    report = quantize_model(copied, 4, 64)
-    assert report["within_bound"] and 0 < report["max_abs_error"] <= report["max_error_bound"]
+    report = quantize_model(copied, lambda w: absmax_round_trip(w, 4, 64)[0])
+    assert report["unquantized"] == [] and report["max_abs_error"] > 0 and 0 < report["relative_error"] < 0.2
     assert report["tensors"] == 15  # 14 linear layers + the embedding tied to the output head, once
     for name, weight in copied.state_dict().items():
         if weight.dim() == 2:
-            _, scale = round_trip(original[name], 4, 64)
+            _, scale = absmax_round_trip(original[name], 4, 64)
             assert ((weight - original[name]).abs() <= scale / 2 * (1 + 1e-5) + 1e-12).all(), name
         else:  # norms are not quantized
             assert torch.equal(weight, original[name]), name
 
-    result = attack(model, tokenizer, runtime, tiny["sets"], "quantize_8bit")
+    result = attack(model, tokenizer, runtime, tiny["sets"], "absmax_8bit")
     rows = by_id(result)
     assert all(rows[i]["status"] == EXTRACTABLE and rows[i]["verbatim"] for i in MEMORIZED)
-    assert result["within_bound"] and result["max_abs_error"] <= result["max_error_bound"]
+    assert result["settings"]["bits"] == 8 and result["settings"]["group_size"] is None
+    assert result["tensors"] == 15 and result["max_abs_error"] > 0
     assert state_sha256(model) == before
 
 
@@ -154,11 +155,20 @@ def test_relearn_brings_back_what_ascent_only_hid(tiny_loaded, tiny):
     assert result["returned_verbatim"] >= 1
     assert state_sha256(forgotten) == before
 
-    # On the retain set only: every forget sequence is audited, and hidden ones come back verbatim.
-    on_retain = attack(forgotten, tokenizer, runtime, sets, "relearn", relearn_lr=3e-4, relearn_on="retain")
+    # benign_relearn, on text that is not the request (the retain set by default): every forget sequence is
+    # audited, and hidden ones come back verbatim.
+    on_retain = attack(forgotten, tokenizer, runtime, sets, "benign_relearn", relearn_lr=3e-4)
+    assert on_retain["trained_on"] == "retain" and on_retain["trained_n"] == len(sets["retain"])
     assert on_retain["trained_ids"] == [] and on_retain["audited_ids"] == forget_ids
     assert on_retain["returned_verbatim"] >= 1
     assert state_sha256(forgotten) == before
+    # Without a retain set it trains on the general text; with neither it is an input error.
+    no_retain = {k: v for k, v in sets.items() if k != "retain"}
+    on_general = attack(forgotten, tokenizer, runtime, {**no_retain, "general": sets["retain"][:4]}, "benign_relearn",
+                        relearn_steps=1)
+    assert on_general["trained_on"] == "general" and on_general["trained_n"] == 4 and on_general["steps"] == 1
+    with pytest.raises(InputError, match="needs a general set"):
+        attack(forgotten, tokenizer, runtime, no_retain, "benign_relearn")
 
 
 def test_prefix_variations(tiny_loaded, tiny):
@@ -208,7 +218,7 @@ def test_run_attacks_is_json_without_text_and_leaves_the_model_alone(tiny_loaded
         return m
 
     results = run_attacks(model, tokenizer, sets, AUDIT, runtime, AttackSettings(), wrap=wrap)
-    assert list(results) == list(ATTACKS)
+    assert list(results) == DEFAULT_ATTACKS and set(DEFAULT_ATTACKS) == set(ATTACKS) - OPT_IN
     dumped = json.dumps(results)
     for entry in results.values():
         assert isinstance(entry["returned_extractable"], int) and isinstance(entry["returned_verbatim"], int)
@@ -218,9 +228,10 @@ def test_run_attacks_is_json_without_text_and_leaves_the_model_alone(tiny_loaded
         assert seq.text not in dumped
     assert "k0 v" not in dumped  # not even a fragment of a record
     assert state_sha256(model) == before
-    # The input model and, for relearn and the two quantizations, three distinct copies were measured.
+    # The input model and distinct copies were measured: relearn, benign_relearn, the two quantizations, the 3
+    # noise draws and prune (the white-box attacks read the weights themselves).
     assert any(m is model for m in measured)
-    assert len({id(m) for m in measured if m is not model}) == 3
+    assert len({id(m) for m in measured if m is not model}) == 8
 
 
 def test_bad_names_are_input_errors():

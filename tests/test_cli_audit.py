@@ -52,7 +52,7 @@ def test_audit_writes_the_loss_band_and_each_loss_status(audit_run):
     band = report["loss_band"]
     assert band == {"rule": "quantile:0.05,0.95", "lower": pytest.approx(float(np.quantile(holdout, 0.05))),
                     "upper": pytest.approx(float(np.quantile(holdout, 0.95))), "calibrated_on": "holdout", "n": 20,
-                    "score": "loss"}
+                    "score": "loss", "median": pytest.approx(float(np.median(holdout)))}
     for row in report["sequences"]:
         expected = ("memorized" if row["loss"] < band["lower"] else
                     "over_unlearned" if row["loss"] > band["upper"] else "in_band")

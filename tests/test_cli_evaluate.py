@@ -9,6 +9,8 @@ import pytest
 from clirun import run_cli
 from conftest import read_json
 
+from unmemorize.evaluate.attacks import ATTACKS, DEFAULT_ATTACKS, AttackSettings
+
 FAST = ["--el-n", "0", "--prefix-tokens", "8", "--dtype", "float32", "--device", "cpu"]
 
 
@@ -27,7 +29,7 @@ def test_unlearn_with_oracle_attacks_and_tasks_writes_everything(evaluated_run, 
     out, result = evaluated_run
     assert result.returncode == 0, result.stderr
     after = read_json(out / "after.json")
-    assert set(after["attacks"]) == {"sampling", "prefix", "relearn", "quantize_8bit", "quantize_4bit"}
+    assert list(after["attacks"]) == DEFAULT_ATTACKS
     for entry in after["attacks"].values():
         assert isinstance(entry["returned_extractable"], int) and isinstance(entry["returned_verbatim"], int)
     assert 0 <= after["oracle"]["forget_quality"] <= 1
@@ -69,6 +71,48 @@ def test_attack_command_writes_attack_json(tiny, tmp_path):
     assert set(report) >= {"sampling", "quantize_8bit", "baseline", "model"}
     assert report["sampling"]["forget_extracted"] >= 4  # f0-f3 are memorized: sampling finds them
     json.dumps(report)
+
+
+def test_attack_command_reaches_every_setting_and_trains_benign_relearn_on_general_text(tiny, tmp_path):
+    out = tmp_path / "attack"
+    general = tmp_path / "general.txt"
+    general.write_text("The quick brown fox jumps over the lazy dog.\n\nPython lists keep their order.\n")
+    result = run_cli("attack", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
+                     tiny["files"]["holdout"], "--attacks", "benign_relearn,noise", "--general", general,
+                     "--attack-arg", "relearn_steps=2", "--attack-arg", "noise_draws=2", "--prefix-tokens", "8",
+                     "--dtype", "float32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = read_json(out / "attack.json")
+    assert report["settings"]["attacks"]["relearn_steps"] == 2 and report["settings"]["attacks"]["noise_draws"] == 2
+    # no --retain: benign_relearn trains on the general text given
+    assert report["benign_relearn"]["trained_on"] == "general" and report["benign_relearn"]["trained_n"] == 2
+    assert report["benign_relearn"]["steps"] == 2 and len(report["noise"]["draws"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attack-arg", "noise_draws"], "--attack-arg 'noise_draws': expected KEY=VALUE"),
+    (["--attack-arg", "no_such_setting=1"], "no-such-setting"),
+    (["--attack-arg", "noise_sigma=-1"], "noise-sigma"),
+    (["--attacks", "benign_relearn", "--benign-on", "retain"], "--benign-on retain needs --retain"),
+    (["--attacks", "jailbreak"], "unknown attack"),
+])
+def test_bad_attack_options_exit_2_with_one_line(tiny, tmp_path, args, message):
+    out = tmp_path / "attack"
+    result = run_cli("attack", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
+                     tiny["files"]["holdout"], *args, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_attacks_lists_every_attack_and_setting():
+    result = run_cli("attacks", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    assert [n for n, a in listed["attacks"].items() if a["default"]] == DEFAULT_ATTACKS
+    assert set(listed["attacks"]) == set(ATTACKS)
+    assert set(listed["settings"]) == set(AttackSettings.model_fields) - {"attacks"}
+    assert listed["settings"]["gcg_steps"]["default"] == AttackSettings().gcg_steps
 
 
 def test_audit_through_a_decoding_filter_and_against_the_oracle(tiny, tiny_oracle, tmp_path):

@@ -16,7 +16,7 @@ from test_methods import hand_logprobs
 from unmemorize.io.models import make_runtime
 from unmemorize.io.sets import Sequence, write_jsonl
 from unmemorize.io.tokens import encode, pad_id_of
-from unmemorize.measure.band import Band, LossBand
+from unmemorize.measure.band import Band, LossBand, calibrate_loss
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
 from unmemorize.unlearning.context import Batch, Context, StepState
@@ -74,17 +74,30 @@ def step_context(model, tokenizer, forget, lo, hi, rows=(0, 1), band=WIDE, prefi
     return ctx, Batch.of(forget, list(rows), ctx.pad_id, RUNTIME.device)
 
 
-def test_band_hinge_is_the_distance_to_the_middle_outside_the_band():
+def test_band_hinge_is_the_distance_to_the_holdout_median_outside_the_band_or_while_flipping():
     loss = torch.tensor([1.0, 2.5, 4.2, 2.1, 3.9])
-    # band [2, 4], middle 3: under it 3 - 1; inside 0; over it 4.2 - 3
-    assert band_hinge(loss, 2.0, 4.0).tolist() == pytest.approx([2.0, 0.0, 1.2, 0.0, 0.0], abs=1e-6)
-    # the band moved in by the margin (the loop's aim, 0.1 of its width: [2.2, 3.8]): 2.1 and 3.9 are outside
-    aim = LossBand("quantile:0.05,0.95", 2.0, 4.0, 20).inset(0.1)
-    assert (aim.lower, aim.upper) == pytest.approx((2.2, 3.8))
-    assert band_hinge(loss, aim.lower, aim.upper).tolist() == pytest.approx([2.0, 0.0, 1.2, 0.9, 0.9], abs=1e-6)
+    band = LossBand("quantile:0.05,0.95", 2.0, 4.0, 20, median=2.8)
+    # band [2, 4], holdout median 2.8: under it 2.8 - 1; inside 0; over it 4.2 - 2.8
+    assert band_hinge(loss, band).tolist() == pytest.approx([1.8, 0.0, 1.4, 0.0, 0.0], abs=1e-6)
+    # a sequence whose MA term flips tokens has its loss held at the median even inside the band
+    moving = torch.tensor([False, True, False, False, False])
+    assert band_hinge(loss, band, moving).tolist() == pytest.approx([1.8, 0.3, 1.4, 0.0, 0.0], abs=1e-6)
+    # without a median (a band built by hand): the middle, 3
+    assert band_hinge(loss, LossBand("quantile:0.05,0.95", 2.0, 4.0, 20)).tolist() == pytest.approx(
+        [2.0, 0.0, 1.2, 0.0, 0.0], abs=1e-6)
+    # the band moved in by the margin (the loop's aim, 0.1 of its width: [2.2, 3.8]; the median stays): 2.1 and
+    # 3.9 are outside
+    aim = band.inset(0.1)
+    assert (aim.lower, aim.upper, aim.median) == pytest.approx((2.2, 3.8, 2.8))
+    assert band_hinge(loss, aim).tolist() == pytest.approx([1.8, 0.0, 1.4, 0.7, 1.1], abs=1e-6)
     # the mean rule (no upper edge): relu(lower - loss); a margin leaves a one-edged band as it is
-    assert band_hinge(loss, 2.2, None).tolist() == pytest.approx([1.2, 0.0, 0.0, 0.1, 0.0], abs=1e-6)
+    assert band_hinge(loss, LossBand("mean", 2.2, None, 20)).tolist() == pytest.approx(
+        [1.2, 0.0, 0.0, 0.1, 0.0], abs=1e-6)
     assert LossBand("mean", 2.2, None, 20).inset(0.25) == LossBand("mean", 2.2, None, 20)
+
+
+def test_the_loss_band_median_is_the_holdouts():
+    assert calibrate_loss("quantile:0.05,0.95", [1.0, 5.0, 2.0, 3.0]).median == pytest.approx(2.5)
 
 
 def test_flip_hinge_flips_the_fewest_cheapest_right_tokens():

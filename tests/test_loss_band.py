@@ -38,7 +38,8 @@ def test_quantile_rule_takes_numpy_quantiles_of_the_holdout_losses():
     assert band.upper == pytest.approx(np.quantile(LOSSES, 0.8)) == pytest.approx(3.5)
     assert band.n == len(LOSSES)
     assert band.to_json() == {"rule": "quantile:0.1,0.8", "lower": band.lower, "upper": band.upper,
-                              "calibrated_on": "holdout", "n": 6, "score": "loss"}
+                              "calibrated_on": "holdout", "n": 6, "score": "loss",
+                              "median": pytest.approx(float(np.median(LOSSES)))}
     # the MA band of the same values has the same edges (one rule, two scores)
     ma = calibrate("quantile:0.1,0.8", LOSSES)
     assert (ma.lower, ma.upper) == (band.lower, band.upper)

@@ -165,13 +165,19 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
                                                                             "of the same kind: the band.")],
            out: Annotated[Path, typer.Option("--out", help="Output folder (attack.json).")],
            retain: Retain = None,
-           attacks: Annotated[str, typer.Option("--attacks", help="Comma-separated: sampling, prefix, relearn, "
-                                                "quantize_8bit, quantize_4bit.")] =
-           "sampling,prefix,relearn,quantize_8bit,quantize_4bit",
+           general: Annotated[str | None, typer.Option("--general", help="General text benign_relearn can train "
+                                                       "on \\[default: Python docs].")] = None,
+           attacks: Annotated[str | None, typer.Option("--attacks", help="Comma-separated names from `unmemorize "
+                                                       "attacks` \\[default: those marked default there].")] = None,
            samples: Annotated[int, typer.Option("--samples", help="sampling: samples per prefix.")] = 8,
            temperature: Annotated[float, typer.Option("--temperature", help="sampling temperature.")] = 1.0,
            top_k: Annotated[int, typer.Option("--top-k", help="sampling: top-k.")] = 40,
-           relearn_on: Annotated[str, typer.Option("--relearn-on", help="forget (half of it) | retain")] = "forget",
+           benign_on: Annotated[str | None, typer.Option("--benign-on", help="benign_relearn trains on: retain | "
+                                                         "general \\[default: retain when given, else "
+                                                         "general]")] = None,
+           attack_arg: Annotated[list[str] | None, typer.Option("--attack-arg", metavar="KEY=VALUE",
+                                                                help="Any attack setting (`unmemorize attacks`), "
+                                                                "VALUE read as YAML. Repeatable.")] = None,
            decoding: Decoding = None,
            device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 8, seed: Seed = 0,
            max_tokens: MaxTokens = 256, prefix_tokens: PrefixTokens = 32, band: BandRule = "quantile:0.05,0.95",
@@ -189,17 +195,21 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
 
     settings = audit_settings(max_tokens, prefix_tokens, "0", band, batch_size, seed)
     try:
-        attack_settings = AttackSettings(attacks=[a.strip() for a in attacks.split(",") if a.strip()],
-                                         samples=samples, temperature=temperature, top_k=top_k,
-                                         relearn_on=relearn_on, seed=seed)
+        chosen = {} if attacks is None else {"attacks": [a.strip() for a in attacks.split(",") if a.strip()]}
+        attack_settings = AttackSettings(**{"samples": samples, "temperature": temperature, "top_k": top_k,
+                                            "benign_on": benign_on, "seed": seed, **chosen,
+                                            **parse_method_args(attack_arg, "--attack-arg")})
     except ValidationError as error:
         first = error.errors()[0]
         raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     check_out(out)
     decoding_spec = parse_decoding_option(decoding)
     sets = load_sets(forget=forget, holdout=holdout, retain=retain)
-    if attack_settings.relearn_on == "retain" and "relearn" in attack_settings.attacks and "retain" not in sets:
-        raise InputError("--relearn-on retain needs --retain")
+    if "benign_relearn" in attack_settings.attacks:
+        if attack_settings.benign_on == "retain" and "retain" not in sets:
+            raise InputError("--benign-on retain needs --retain")
+        if attack_settings.benign_on == "general" or "retain" not in sets:
+            sets["general"] = load_general(general)
     runtime = make_runtime(device, dtype)
     load_options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     lm, tokenizer, info, wrap = load_measured_model(model, runtime, load_options, decoding_spec, sets, settings)
@@ -235,6 +245,10 @@ Neighbours = Annotated[str | None, Opt("--neighbours", help="Unseen in-domain te
                                        "--holdout.")]
 NeighbourWeight = Annotated[float | None, Opt("--neighbour-weight", help="Weight of the --neighbours KL. "
                                               "\\[default: 3.0]")]
+SamRho = Annotated[float | None, Opt("--sam-rho", help="Sharpness-aware unlearning (Fan et al. 2025): take the "
+                                    "forget loss's gradient at the worst weights within this L2 radius, so that "
+                                    "small weight changes (quantization, relearning) do not bring it back; one more "
+                                    "forward and backward of the forget batch per step. \\[default: 0 = off]")]
 Lora = Annotated[int | None, Opt("--lora", help="LoRA rank; 0 trains the weights. \\[default: 0]")]
 MaskFraction = Annotated[float | None, Opt("--mask-fraction", help="Train only this fraction of weights (largest "
                                            "forget gradient). \\[default: 0 = all]")]
@@ -252,8 +266,8 @@ CompareMethodArg = Annotated[list[str] | None, Opt("--method-arg", metavar="KEY=
 MaybeInt = Annotated[int | None, Opt()]
 MaybeStr = Annotated[str | None, Opt()]
 SETTING_KEYS = ("method", "lr", "margin", "max_steps", "stop", "target", "retain_loss", "retain_weight",
-                "neighbour_weight", "lora", "mask_fraction", "max_utility_drop", "seed", "batch_size", "max_tokens",
-                "prefix_tokens", "el_n", "el_sets", "band", "oracle", "attacks", "tasks")
+                "neighbour_weight", "sam_rho", "lora", "mask_fraction", "max_utility_drop", "seed", "batch_size",
+                "max_tokens", "prefix_tokens", "el_n", "el_sets", "band", "oracle", "attacks", "tasks")
 
 
 @app.command()
@@ -269,7 +283,7 @@ def unlearn(
                                          "its model, and its ledger of forgotten sequences re-audited.")] = None,
     general: General = None, config: Config = None, lr: Lr = None, margin: Margin = None, max_steps: MaxSteps = None,
     stop: Stop = None, target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
-    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, lora: Lora = None,
+    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, sam_rho: SamRho = None, lora: Lora = None,
     mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
     prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, el_sets: MaybeStr = None, band: MaybeStr = None,
@@ -309,7 +323,7 @@ def compare(
     holdout: Holdout = None, retain: Retain = None,
     general: General = None, config: Config = None, lr: Lr = None, margin: Margin = None, max_steps: MaxSteps = None,
     stop: Stop = None, target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
-    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, lora: Lora = None,
+    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, sam_rho: SamRho = None, lora: Lora = None,
     mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
     prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, el_sets: MaybeStr = None, band: MaybeStr = None,
@@ -447,7 +461,7 @@ def unlearn_settings(config: Path | None, flags: dict, compared: list[str] | Non
         raise InputError(f"{where}--{name}: {first['msg']}") from None
 
 
-def parse_method_args(texts: list[str] | None) -> dict:
+def parse_method_args(texts: list[str] | None, option: str = "--method-arg") -> dict:
     """--method-arg KEY=VALUE (repeatable) as {KEY: VALUE}, VALUE read as a YAML scalar (0.5 a number, true a
     boolean); a value YAML reads as anything else (a list, a mapping, null) stays the text given."""
     import yaml
@@ -456,7 +470,7 @@ def parse_method_args(texts: list[str] | None) -> dict:
     for text in texts or []:
         key, sep, raw = text.partition("=")
         if not sep or not key.strip():
-            raise InputError(f"--method-arg {text!r}: expected KEY=VALUE")
+            raise InputError(f"{option} {text!r}: expected KEY=VALUE")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -675,6 +689,38 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
     console.print(options_table)
     console.print("Any gradient method also takes --retain-loss none|nll|kl, --retain-weight, --lora R, "
                   "--mask-fraction F, --stop band|mean|steps, --target indistinguishable|ma, --max-steps.")
+
+
+@app.command("attacks")
+def list_attacks(as_json: Annotated[bool, Opt("--json", help="Print {attacks: {name: {about, default}}, settings: "
+                                              "{key: {default, help}}} as JSON.")] = False) -> None:
+    """List the robustness attacks (`attack --attacks`, `unlearn --attacks`) and their settings (`attack
+    --attack-arg KEY=VALUE`, `attacks:` in the YAML)."""
+    import json
+
+    from rich.table import Table
+
+    from .evaluate.attacks import ABOUT, DEFAULT_ATTACKS, AttackSettings
+
+    settings = {key: {"default": field.get_default(call_default_factory=True), "help": field.description}
+                for key, field in AttackSettings.model_fields.items() if key != "attacks"}
+    if as_json:
+        print(json.dumps({"attacks": {name: {"about": about, "default": name in DEFAULT_ATTACKS}
+                                      for name, about in ABOUT.items()}, "settings": settings}, indent=1))
+        return
+    table = Table(title="Attacks (--attacks NAME,...)", title_justify="left")
+    for column in ("name", "runs", "what it does"):
+        table.add_column(column)
+    for name, about in ABOUT.items():
+        table.add_row(name, "default" if name in DEFAULT_ATTACKS else "when named", about)
+    console.print(table)
+    options = Table(title="Settings (attack --attack-arg KEY=VALUE; attacks: {KEY: VALUE} in the YAML)",
+                    title_justify="left")
+    for column in ("setting", "default", "what it sets"):
+        options.add_column(column)
+    for key, item in settings.items():
+        options.add_row(key, repr(item["default"]), item["help"] or "")
+    console.print(options)
 
 
 def _print_version(value: bool) -> None:

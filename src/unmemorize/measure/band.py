@@ -88,12 +88,14 @@ def check_rule(rule: str) -> str:
 @dataclass(frozen=True)
 class LossBand(_Edges):
     """The band of holdout loss (mean token NLL): below it a sequence is too likely (`memorized`), above it
-    unusually unlikely (`over_unlearned`). `upper` is None under the `mean` rule."""
+    unusually unlikely (`over_unlearned`). `upper` is None under the `mean` rule. `median`: the holdout's median
+    loss, where `hinge` puts a sequence it moves (a loss attack's AUC is 0.5 there, whatever the band's skew)."""
 
     rule: str
     lower: float | None
     upper: float | None
     n: int
+    median: float | None = None
 
     def status(self, loss: float) -> str:
         if self.lower is not None and loss < self.lower:
@@ -104,7 +106,7 @@ class LossBand(_Edges):
 
     def to_json(self) -> dict:
         return {"rule": self.rule, "lower": self.lower, "upper": self.upper, "calibrated_on": "holdout", "n": self.n,
-                "score": "loss"}
+                "score": "loss", "median": self.median}
 
 
 def _edges(rule: str, values: np.ndarray) -> tuple[float, float]:
@@ -135,4 +137,4 @@ def calibrate_loss(rule: str, holdout_loss: Sequence[float]) -> LossBand:
     lower, upper = _edges(rule, values)
     if rule == "mean":  # memorized = loss under the holdout mean; nothing counts as over-unlearned
         upper = None
-    return LossBand(rule, lower, upper, len(values))
+    return LossBand(rule, lower, upper, len(values), float(np.median(values)))

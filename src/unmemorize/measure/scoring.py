@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,3 +180,27 @@ def _hits_and_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
         hits.append(guess == wanted)
         logprobs.append(target_logits - log_norm)
     return torch.cat(hits), torch.cat(logprobs)
+
+
+@torch.no_grad()
+def layer_hits(model, token_lists: list[list[int]], layers: list[int], readout: Callable[[torch.Tensor], torch.Tensor],
+               runtime: Runtime, batch_size: int = 8, pad_id: int = 0) -> list[np.ndarray]:
+    """Teacher-forced argmax hits read from hidden layers, batched as `score_tokens` batches.
+
+    For each sequence x_1..x_T a bool array (len(layers), T-1): entry [i, t-2] is
+    [argmax readout(h_l)_{t-1} == x_t] for l = layers[i] and t = 2..T, where h_l is `hidden_states[l]` of the
+    forward pass (Hugging Face: 0 the embeddings, l the residual stream after l blocks). The positions are
+    `TokenScores.hits`' own, so `hits.mean(-1)` is MA per layer.
+    """
+    results: list[np.ndarray | None] = [None] * len(token_lists)
+    for indices in length_batches(token_lists, batch_size):
+        batch = [token_lists[i] for i in indices]
+        input_ids, mask = pad(batch, pad_id, device=runtime.device)
+        with runtime.autocast():
+            hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            # One layer's logits at a time: (batch, width, vocab) for every layer at once would not fit large models.
+            guesses = torch.stack([readout(hidden[layer][:, :-1]).argmax(-1) for layer in layers], dim=1)
+        hits = (guesses == input_ids[:, None, 1:]).cpu().numpy()
+        for row, index in enumerate(indices):
+            results[index] = hits[row, :, : len(batch[row]) - 1]
+    return results  # type: ignore[return-value]

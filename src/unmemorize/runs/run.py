@@ -174,8 +174,9 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
     tick = time.perf_counter()
     if oracle_audit is not None:
         before.extra["oracle"] = oracle_report(before, oracle_audit)
-    evaluate_audit(after, model, tokenizer, sets, settings.audit, runtime, evaluation.attacks, oracle_audit,
-                   token_ids=token_ids)
+    # The general text joins the attacks' sets: benign_relearn trains on it when there is no retain set.
+    evaluate_audit(after, model, tokenizer, {**sets, "general": general}, settings.audit, runtime,
+                   evaluation.attacks, oracle_audit, token_ids={**token_ids, "general": tokens.general})
     phases["evaluation"] = time.perf_counter() - tick
 
     run = {

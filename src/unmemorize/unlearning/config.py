@@ -41,6 +41,10 @@ class LoopSettings(BaseModel):
     neighbour_weight: float = Field(3.0, ge=0, description="Weight of KL(original || current) on a batch of "
                                     "--neighbours (unseen in-domain text that must stay as it was) each step, "
                                     "for any gradient method; unused without --neighbours.")
+    sam_rho: float = Field(0.0, ge=0, allow_inf_nan=False, description="Sharpness-aware unlearning (Fan et al. "
+                           "2025): take the forget loss's gradient at the worst weights within this L2 radius of "
+                           "the trained weights (0: off, the plain step); one more forward and backward of the "
+                           "forget batch per step. Gradient methods only. See unlearning.loop.")
     lora: int = Field(0, ge=0, description="LoRA rank (0: train the weights themselves); merged on save.")
     mask_fraction: float = Field(0.0, ge=0, le=1, description="Train only this fraction of weights, those with the "
                                  "largest forget gradient (0: all).")

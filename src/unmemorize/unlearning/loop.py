@@ -10,7 +10,8 @@ Reads top to bottom. Each step:
      over-unlearned on loss, except under `two_way`, which pulls them back; all against the bands moved in by
      `--margin`) and tell the method those bands (`ctx.step`);
   4. loss = forget loss + retain_weight * retain regularizer (+ neighbour_weight * KL to the original model
-     on a batch of `--neighbours`, unseen in-domain text, when given); backward; Adam step;
+     on a batch of `--neighbours`, unseen in-domain text, when given); backward; Adam step. With `--sam-rho`
+     the forget loss's gradient is taken at the worst weights within that radius instead (`sam_gradient`);
   5. log the step to trajectory.jsonl; every `guard_every` steps check utility and keep the best state;
      every `checkpoint_every` steps write a resumable checkpoint.
 All randomness of a step derives from (seed, step), so a resumed run replays an uninterrupted one exactly.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
     from .config import LoopSettings
 
 __all__ = ["LoopOutcome", "TokenSets", "gradient_unlearn"]
+
+GradMask = dict[torch.nn.Parameter, torch.Tensor] | None
+"""1 for the weights that train, 0 for those --mask-fraction freezes; None: all train."""
 
 
 def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], settings: LoopSettings,
@@ -108,7 +113,12 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         forget_share, forget_value, forget_tokens = shard_totals(accelerator, objective, forget_batch, forget_loss,
                                                                  bool(shard))
         forget_loss = forget_loss * forget_share
+        optimizer.zero_grad(set_to_none=True)
         loss = forget_loss
+        if settings.sam_rho:  # .grad gets the forget gradient at w + eps; the regularizers below add theirs at w
+            sam_gradient(accelerator, params, grad_mask, settings.sam_rho, forget_loss,  # (the lambda runs at once)
+                         lambda: objective.loss(ctx, forget_batch, retain_batch) * forget_share)  # noqa: B023
+            loss = torch.zeros((), device=forget_loss.device)
         loss_value = forget_value
         retain_value = None
         if settings.retain_kind != "none" and retain_batch is not None:
@@ -125,15 +135,14 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         if not math.isfinite(loss_value):  # the same value on every rank: all stop together
             restore(params, best["weights"])
             return finish(f"loss diverged ({loss_value}) at step {step}; restored step {best['step']}", best["step"])
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if grad_mask:
-            for param, mask in grad_mask.items():
-                if param.grad is not None:
-                    param.grad.mul_(mask)
+        if loss.requires_grad:  # not under SAM without regularizers: the forget gradient is all there is
+            accelerator.backward(loss)
+        mask_gradients(grad_mask)
         optimizer.step()
         ctx.changed = True
-        tokens_trained += forget_tokens + sum(int(b.mask.sum()) for b in (retain_batch, neighbour_batch) if b)
+        forget_passes = 2 if settings.sam_rho else 1  # SAM backpropagates the forget batch twice
+        regularized = sum(int(b.mask.sum()) for b in (retain_batch, neighbour_batch) if b)
+        tokens_trained += forget_passes * forget_tokens + regularized
         if accelerator.is_main_process:
             log_step(trajectory, step, loss_value, ma, sets.forget_names, target.band, active,
                      forget_loss=forget_value, holdout_mean=target.holdout_mean,
@@ -157,6 +166,48 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
                                                      "loss_band": target.loss_band.__dict__,
                                                      "holdout_mean": target.holdout_mean, "best": best,
                                                      "tokens_trained": tokens_trained})
+
+
+def sam_gradient(accelerator, params: list[torch.nn.Parameter], grad_mask: GradMask, rho: float,
+                 loss: torch.Tensor, loss_again: Callable[[], torch.Tensor]) -> None:
+    """Sharpness-aware minimization of the forget loss l_F (Foret et al. 2021; for unlearning Fan et al. 2025):
+    leave in .grad its gradient at the worst weights within an L2 ball of radius rho, to first order:
+
+        g    = M * grad l_F(w)          `loss` (l_F at w) backpropagated; M: the --mask-fraction mask (or 1)
+        eps  = rho * g / ||g||_2        the norm over every trained parameter; no perturbation when g = 0
+        .grad = grad l_F(w + eps)       `loss_again()`: l_F recomputed with the weights moved by eps
+
+    and the weights back at w (copied back, not subtracted: bit for bit). The loop then adds the regularizers'
+    gradient at w and masks, so the step is
+
+        w <- Adam(M * (grad l_F(w + eps) + grad R(w)))      R = retain_weight * retain + neighbour_weight * KL
+
+    That is min_w max_{||eps|| <= rho} l_F(w + eps) + R(w): as in Fan et al.'s released code
+    (OPTML-Group/Unlearn-Smooth, SAMTrainer) only the forget loss is perturbed, and, as in SAM, eps is held fixed
+    in the gradient. `params` are the trained parameters (the LoRA adapters under --lora), so only they move.
+    Under DDP both backward passes go through the wrapped model: g is the all-reduced gradient, the same on every
+    process, and so is eps. Cost: one more forward and backward of the forget batch.
+    """
+    accelerator.backward(loss)
+    mask_gradients(grad_mask)
+    moved = [p for p in params if p.grad is not None]
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in moved])))
+    if not norm > 0:  # no direction to move in (or a non-finite gradient: the loop's loss check stops the run)
+        return
+    weights = snapshot(moved)
+    with torch.no_grad():
+        for param in moved:
+            param.add_(param.grad, alpha=rho / norm)
+            param.grad = None
+    accelerator.backward(loss_again())
+    restore(moved, weights)
+
+
+def mask_gradients(grad_mask: GradMask) -> None:
+    """Zero the gradient of the weights --mask-fraction does not train."""
+    for param, mask in (grad_mask or {}).items():
+        if param.grad is not None:
+            param.grad.mul_(mask)
 
 
 def loss_units(objective, batch: Batch) -> float:

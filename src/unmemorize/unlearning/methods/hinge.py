@@ -11,11 +11,11 @@ For a selected forget sequence i with predicted tokens t = 2..T_i (n_i of them),
 
 Loss band [lo, hi] and MA band [a, b]: those the loop aims at (`ctx.step`), i.e. the bands of the current
 calibration (the holdout under the current model) moved in by `--margin` of their width (0.25 for `hinge`: see
-`unlearning.target`); c = (lo + hi) / 2 the middle of the loss band.
+`unlearning.target`); c the median loss of the holdout in that calibration.
 
-    loss term   L_i = c - l_i   if l_i < lo      (memorized on loss: push up toward the middle)
-                      l_i - c   if l_i > hi      (over-unlearned on loss: pull back toward the middle)
-                      0         otherwise
+    loss term   L_i = |l_i - c|   if l_i < lo or l_i > hi or K_i is not empty (below: pushed up; above: pulled
+                                  back; moving on MA: its loss held at c while tokens flip)
+                      0           otherwise
     MA term     M_i = (1/k_i) sum_{t in K_i} relu(m_t + delta)    if MA_i > b (extractable), else 0
                 k_i = ceil(n_i MA_i - n_i b): the fewest right tokens whose flip brings MA_i to b
                 K_i = the k_i right tokens (m_t > 0) with the smallest margins; when the sequence is verbatim
@@ -48,6 +48,7 @@ import math
 import torch
 from pydantic import Field
 
+from ...measure.band import LossBand
 from ...measure.scoring import forward_logits
 from ..context import SEQUENCES, Batch, Context
 from .base import TWO_WAY, GradientMethod, MethodConfig, MethodSpec
@@ -74,12 +75,14 @@ class Hinge(GradientMethod):
         nll = -(logprobs.gather(-1, targets).squeeze(-1) * mask).sum(-1) / mask.sum(-1)
         margins = true_margins(logprobs, targets)
         step, config = ctx.step, self.config
-        loss_term = band_hinge(nll, step.loss_band.lower, step.loss_band.upper)
+        lengths = mask.sum(-1).long().tolist()
+        flips = [flip_tokens(margins[row, :n], step.band.upper, min(step.prefix_tokens, (n + 1) // 2))
+                 if config.ma_weight else [] for row, n in enumerate(lengths)]
+        moving = torch.tensor([bool(chosen) for chosen in flips], device=nll.device)
+        loss_term = band_hinge(nll, step.loss_band, moving)
         if config.ma_weight == 0:
             return loss_term.mean()
-        ma_term = torch.stack([
-            flip_hinge(margins[row, :n], step.band.upper, config.delta, min(step.prefix_tokens, (n + 1) // 2))
-            for row, n in enumerate(mask.sum(-1).long().tolist())])
+        ma_term = torch.stack([flip_term(margins[row], chosen, config.delta) for row, chosen in enumerate(flips)])
         return (loss_term + config.ma_weight * ma_term).mean()
 
 
@@ -91,19 +94,23 @@ def true_margins(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return true - logprobs.detach().scatter(-1, targets, float("-inf")).amax(-1)
 
 
-def band_hinge(loss: torch.Tensor, lower: float, upper: float | None) -> torch.Tensor:
-    """The loss term of each sequence: its distance to the middle of the loss band when outside it, 0 inside;
+def band_hinge(loss: torch.Tensor, band: LossBand, moving: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss term of each sequence: its distance |l - c| to the holdout's median c (the band's middle when the
+    band has no median) when it is outside the band or `moving` (its MA term is flipping tokens), 0 otherwise;
     under the mean rule (no upper edge) relu(lower - loss)."""
-    if upper is None:
-        return torch.relu(lower - loss)
-    middle = (lower + upper) / 2
-    zero = torch.zeros_like(loss)
-    return torch.where(loss < lower, middle - loss, torch.where(loss > upper, loss - middle, zero))
+    if band.upper is None:
+        return torch.relu(band.lower - loss)
+    center = band.median if band.median is not None else (band.lower + band.upper) / 2
+    outside = (loss < band.lower) | (loss > band.upper)
+    if moving is not None:
+        outside = outside | moving
+    return torch.where(outside, (loss - center).abs(), torch.zeros_like(loss))
 
 
-def flip_hinge(margins: torch.Tensor, upper: float, delta: float, prefix: int) -> torch.Tensor:
-    """The MA term of one sequence, from the margins m_t of its n predicted tokens, for the MA band's upper edge
-    `upper` (`prefix` = P: the suffix is margins[P-1:], the tokens x_{P+1}..x_T a verbatim check reads)."""
+def flip_tokens(margins: torch.Tensor, upper: float, prefix: int) -> list[int]:
+    """K_i: the positions the MA term flips, from the margins m_t of one sequence's n predicted tokens, for the MA
+    band's upper edge `upper` (`prefix` = P: the suffix is margins[P-1:], the tokens x_{P+1}..x_T a verbatim check
+    reads); empty when MA is inside the band and the suffix is not verbatim."""
     n = margins.numel()
     right = margins.detach() > 0
     count = int(right.sum())
@@ -111,13 +118,24 @@ def flip_hinge(margins: torch.Tensor, upper: float, delta: float, prefix: int) -
     suffix = max(prefix - 1, 0)
     verbatim = bool(right[suffix:].all())
     if flips <= 0 and not verbatim:
-        return margins.sum() * 0  # zero, with a gradient of zero that still joins the graph
+        return []
     ranked = torch.where(right, margins.detach(), torch.full_like(margins, float("inf"))).argsort()
     chosen = ranked[:max(flips, 0)].tolist()
     if verbatim and not any(t >= suffix for t in chosen):
-        tail = ranked[(ranked >= suffix)]
-        chosen.append(int(tail[0]))
+        chosen.append(int(ranked[ranked >= suffix][0]))
+    return chosen
+
+
+def flip_term(margins: torch.Tensor, chosen: list[int], delta: float) -> torch.Tensor:
+    """The MA term of one sequence: mean over K_i = `chosen` of relu(m_t + delta); zero when K_i is empty."""
+    if not chosen:
+        return margins.sum() * 0  # zero, with a gradient of zero that still joins the graph
     return torch.relu(margins[chosen] + delta).mean()
+
+
+def flip_hinge(margins: torch.Tensor, upper: float, delta: float, prefix: int) -> torch.Tensor:
+    """The MA term of one sequence from its margins alone (`flip_tokens`, then `flip_term`)."""
+    return flip_term(margins, flip_tokens(margins, upper, prefix), delta)
 
 
 SPECS = [
