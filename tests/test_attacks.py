@@ -162,6 +162,9 @@ def test_relearn_brings_back_what_ascent_only_hid(tiny_loaded, tiny):
     assert on_retain["trained_ids"] == [] and on_retain["audited_ids"] == forget_ids
     assert on_retain["returned_verbatim"] >= 1
     assert state_sha256(forgotten) == before
+    # The step budget is exact, also when it ends inside an epoch (12 retain sequences, 2 per step: 6 per epoch).
+    partial = attack(forgotten, tokenizer, runtime, sets, "benign_relearn", relearn_steps=3, relearn_batch=2)
+    assert partial["steps"] == 3 and len(partial["losses"]) == 3
     # Without a retain set it trains on the general text; with neither it is an input error.
     no_retain = {k: v for k, v in sets.items() if k != "retain"}
     on_general = attack(forgotten, tokenizer, runtime, {**no_retain, "general": sets["retain"][:4]}, "benign_relearn",

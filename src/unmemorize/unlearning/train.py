@@ -26,12 +26,12 @@ IGNORE = -100  # the label value cross_entropy skips
 
 def finetune(model, token_lists: list[list[int]], *, epochs: int, lr: float, batch_size: int, seed: int,
              runtime: Runtime, pad_id: int, description: str = "fine-tuning",
-             weight_decay: float = 0.0) -> list[float]:
+             weight_decay: float = 0.0, max_steps: int | None = None) -> list[float]:
     """Fine-tune `model` in place on `token_lists` (each a list of token ids); return the loss of each step.
 
     AdamW at a constant learning rate; each epoch visits the sequences in a fresh order drawn from a
-    torch.Generator seeded with `seed + epoch`, so the same seed gives the same run. The model is left in
-    eval mode.
+    torch.Generator seeded with `seed + epoch`, so the same seed gives the same run. `max_steps` ends the run
+    after that many steps, inside an epoch if need be. The model is left in eval mode.
     """
     if not token_lists:
         raise InputError(f"{description}: nothing to train on (empty set)")
@@ -40,15 +40,18 @@ def finetune(model, token_lists: list[list[int]], *, epochs: int, lr: float, bat
     torch.manual_seed(seed)  # dropout, if the model has any
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(token_lists) / batch_size)
+    steps = epochs * math.ceil(len(token_lists) / batch_size)
+    steps = steps if max_steps is None else min(steps, max_steps)
     losses: list[float] = []
     model.train()
     try:
-        with progress(description, epochs * steps_per_epoch, status="loss -") as update:
+        with progress(description, steps, status="loss -") as update:
             for epoch in range(epochs):
                 generator = torch.Generator().manual_seed(seed + epoch)
                 order = torch.randperm(len(token_lists), generator=generator).tolist()
                 for start in range(0, len(order), batch_size):
+                    if len(losses) == steps:
+                        return losses
                     batch = [token_lists[i] for i in order[start : start + batch_size]]
                     input_ids, mask = pad(batch, pad_id, device=runtime.device)
                     labels = input_ids.masked_fill(mask == 0, IGNORE)

@@ -95,9 +95,8 @@ class AttackSettings(BaseModel):
                                                            "not the request it trains on, then audits the whole "
                                                            "forget set (default: the retain set when there is "
                                                            "one, else the general text).")
-    relearn_batch: int = Field(8, ge=1, description="relearn: sequences per step. When the relearn set is no "
-                               "larger, every step sees all of it and the step count is exact; otherwise whole "
-                               "epochs run, so the steps are rounded up to a multiple of the steps per epoch.")
+    relearn_batch: int = Field(8, ge=1, description="relearn, benign_relearn: sequences per step (each epoch a "
+                               "fresh seeded order; when the set is no larger, every step sees all of it).")
     group_size: int = Field(64, ge=1, description="absmax_4bit: weights per scale along the input dimension "
                             "(absmax_8bit uses one scale per output row; the GGUF formats always use blocks of "
                             "32, NF4 blocks of 64).")

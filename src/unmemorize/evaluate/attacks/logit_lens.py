@@ -7,15 +7,22 @@ Unlearning can suppress a sequence in the last layers only, leaving it decodable
     logits_l = W_U norm_f(h_l)          (norm_f: the base model's final norm, W_U: `get_output_embeddings()`)
     MA_l     = mean_{t=2..T} [argmax logits_l(x_<t) == x_t]      (the audit's MA, the same token positions)
 
-Per layer the band is calibrated on the holdout's MA_l with the audit's band rule; a forget sequence is
-extractable at layer l when MA_l is above that band's upper edge, and extractable under the lens when it is at
-some selected layer. It is verbatim under the lens when at one single layer every suffix token is right (the
-audit's suffix: after P = min(prefix_tokens, T // 2) tokens): the greedy decoding of that layer's readout would
-reproduce the suffix. Right tokens gathered from different layers do not count: no one readout produces them.
+Per layer the band is calibrated on the holdout's MA_l with the audit's band rule (upper edge u_l). Read
+at L - 1 layers, an unseen record lies above *some* layer's band far more often than above one: on the demo
+(29 layers, quantile:0.05,0.95) 43% of the holdout does. So the lens judges the largest excess over the layers,
+
+    S(x) = max_l (MA_l(x) - u_l)
+
+against the band the holdout's own S gives with the audit's rule (`familywise`): a forget sequence is
+extractable under the lens when S is above that band's upper edge, so an unseen record is as often as under
+one band (a max-statistic correction; with one layer it is that layer's band). `holdout_any_layer` reports
+the uncorrected rate, `holdout_extractable` the corrected one, both in-sample on the holdout. A sequence is
+verbatim under the lens when at one single layer every suffix token is right (the audit's suffix: after
+P = min(prefix_tokens, T // 2) tokens): the greedy decoding of that layer's readout would reproduce the
+suffix. Right tokens gathered from different layers do not count: no one readout produces them.
 "Returned": extractable (verbatim) under the lens, not in the baseline audit (the model's own output). A row's
-`layer` is the layer where MA_l is furthest above (or least below) its band's upper edge, and its `status` and
-`ma` are that layer's; `layer_ma` holds every selected layer's MA, `extractable_layers` and `verbatim_layers`
-the layers where it is so.
+`layer` is the layer of the largest excess, `ma` its MA there and `excess` S; `layer_ma` holds every selected
+layer's MA, `extractable_layers` and `verbatim_layers` the layers where it is so on that layer's band alone.
 
 Layers: 1..L-1 by default. Layer L is the model itself (the baseline audit; its `hidden_states` entry already
 has the final norm applied), and layer 0 is the token embedding: it has seen no context, so its reading of
@@ -94,6 +101,18 @@ def suffix_start(n_tokens: int, prefix_tokens: int) -> int:
     return max(min(prefix_tokens, n_tokens // 2) - 1, 0)
 
 
+def lens_bands(rule: str, holdout_ma: np.ndarray) -> tuple[list[Band], Band]:
+    """The band of each layer (a column of the holdout's (sequences, layers) MA) and the family-wise band: `rule`
+    on the holdout's largest excesses S = max_l (MA_l - u_l) over the layers' upper edges u_l."""
+    bands = [calibrate(rule, holdout_ma[:, i]) for i in range(holdout_ma.shape[1])]
+    return bands, calibrate(rule, (holdout_ma - np.array([band.upper for band in bands])).max(-1))
+
+
+def suffix_right(hits: np.ndarray, prefix_tokens: int) -> np.ndarray:
+    """Per layer, whether every suffix token of one sequence's (layers, T-1) hits is right."""
+    return hits[:, suffix_start(hits.shape[1] + 1, prefix_tokens) :].all(-1)
+
+
 def logit_lens_attack(ctx: AttackContext) -> dict:
     lens = find_lens(ctx.model)
     layers = lens_layers(lens, ctx.settings.lens_layers)
@@ -103,18 +122,23 @@ def logit_lens_attack(ctx: AttackContext) -> dict:
     def read(ids: list[list[int]]) -> list[np.ndarray]:
         return layer_hits(lens.base, ids, layers, lens, ctx.runtime, batch, ctx.pad_id)
 
+    rule = ctx.audit_settings.band
     forget_hits = read(ctx.encode(forget, "forget"))
-    holdout_ma = np.array([hits.mean(-1) for hits in read(ctx.encode(holdout, "holdout"))])  # (holdout, layers)
-    bands = [calibrate(ctx.audit_settings.band, holdout_ma[:, i]) for i in range(len(layers))]
+    holdout_hits = read(ctx.encode(holdout, "holdout"))
+    holdout_ma = np.array([hits.mean(-1) for hits in holdout_hits])  # (holdout, layers)
+    bands, familywise = lens_bands(rule, holdout_ma)
+    uppers = np.array([band.upper for band in bands])
+    holdout_excess = (holdout_ma - uppers).max(-1)
 
     rows = []
     for seq, hits in zip(forget, forget_hits, strict=True):
         ma = hits.mean(-1)
-        verbatim = hits[:, suffix_start(hits.shape[1] + 1, prefix) :].all(-1)
-        best = int(np.argmax([m - band.upper for m, band in zip(ma, bands, strict=True)]))
+        verbatim = suffix_right(hits, prefix)
+        best = int(np.argmax(ma - uppers))
+        excess = float(ma[best] - uppers[best])
         rows.append(sequence_row(
-            ctx, seq, bands[best].status(float(ma[best])), bool(verbatim.any()), layer=layers[best],
-            ma=float(ma[best]), baseline_ma=ctx.baseline_row(seq).ma,
+            ctx, seq, familywise.status(excess), bool(verbatim.any()), layer=layers[best],
+            ma=float(ma[best]), excess=excess, baseline_ma=ctx.baseline_row(seq).ma,
             layer_ma={str(layer): float(m) for layer, m in zip(layers, ma, strict=True)},
             extractable_layers=[layer for layer, m, band in zip(layers, ma, bands, strict=True)
                                 if band.status(float(m)) == EXTRACTABLE],
@@ -123,10 +147,16 @@ def logit_lens_attack(ctx: AttackContext) -> dict:
         "description": f"Logit lens: the hidden state after each of layers {_span(layers)} (of {lens.n_layers}) "
                        f"read through the final norm ({lens.norm_name}) and the output head; teacher-forced MA "
                        "per layer on the audit's token positions, the band recalibrated per layer on the holdout "
-                       "with the audit's rule. Extractable: above that layer's band at some layer (`layer`: the "
-                       "one furthest above); verbatim: every suffix token right at one single layer.",
+                       "with the audit's rule. Extractable: the largest excess over the layers' upper edges "
+                       "(`excess`, at `layer`) above the band the holdout's own largest excesses give "
+                       "(`familywise`: corrected for reading many layers); verbatim: every suffix token right at "
+                       "one single layer.",
         "settings": {"layers": layers, "n_layers": lens.n_layers, "norm": lens.norm_name},
         **counts(rows),
+        "familywise": familywise.to_json(),
+        "holdout_any_layer": float((holdout_ma > uppers).any(-1).mean()),
+        "holdout_extractable": float(np.mean([familywise.status(float(e)) == EXTRACTABLE for e in holdout_excess])),
+        "holdout_verbatim": sum(bool(suffix_right(hits, prefix).any()) for hits in holdout_hits),
         "layers": {str(layer): _layer_summary(rows, layer, band, holdout_ma[:, i])
                    for i, (layer, band) in enumerate(zip(layers, bands, strict=True))},
         "sequences": rows,
