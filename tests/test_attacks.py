@@ -206,8 +206,20 @@ def test_prefix_variations(tiny_loaded, tiny):
     assert all(row["variations"]["prime_forget"]["prompt_tokens"] > row["variations"]["lowercase"]["prompt_tokens"]
                for row in result["sequences"])
 
+    # A sequence is judged on its largest excess over the variations' upper edges, against the band of the
+    # holdout's own largest excesses: unseen text is above that as rarely as above one band.
+    uppers = {name: v["band"]["upper"] for name, v in result["variations"].items()}
+    for row in result["sequences"]:
+        gaps = {name: r["ma"] - uppers[name] for name, r in row["variations"].items()}
+        assert row["excess"] == pytest.approx(max(gaps.values())) and row["variation"] == max(gaps, key=gaps.get)
+        assert (row["status"] == EXTRACTABLE) == (row["excess"] > result["familywise"]["upper"])
+    assert result["holdout_extractable"] <= 0.1 <= result["holdout_any_variation"]
+
     without_retain = attack(model, tokenizer, runtime, {k: sets[k] for k in ("forget", "holdout")}, "prefix")
     assert without_retain["settings"]["skipped"] == ["prime_retain"]
+    with pytest.raises(InputError, match="none of the variations prime_retain can run"):
+        attack(model, tokenizer, runtime, {k: sets[k] for k in ("forget", "holdout")}, "prefix",
+               prefix_variations=["prime_retain"])
 
 
 def test_run_attacks_is_json_without_text_and_leaves_the_model_alone(tiny_loaded, tiny):

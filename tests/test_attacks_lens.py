@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from unmemorize.errors import InputError
 from unmemorize.evaluate.attacks import AttackSettings, run_attacks
-from unmemorize.evaluate.attacks.logit_lens import find_lens, lens_bands, suffix_start
+from unmemorize.evaluate.attacks.logit_lens import find_lens, suffix_start
 from unmemorize.io.models import make_runtime, state_sha256
 from unmemorize.io.tokens import encode, pad
 from unmemorize.measure.audit import AuditSettings, audit
@@ -97,33 +97,6 @@ def test_lens_reads_the_model_s_own_readout(tiny_loaded, tiny):
         assert row["layer_ma"]["1"] == pytest.approx(by_hand[row["id"]], abs=1e-12)
     band = calibrate(AUDIT.band, [by_hand[s.id] for s in sets["holdout"]])
     assert result["layers"]["1"]["band"] == pytest.approx(band.to_json())
-
-
-def test_familywise_band_by_hand():
-    """Two layers, rule quantile:0.2,0.8 (numpy's linear interpolation): each layer's upper edge is 0.42; the rows'
-    largest excesses are 0.08, -0.22, -0.12, -0.02, 0.08, whose band is [-0.14, 0.08]."""
-    holdout = np.array([[0.1, 0.5], [0.2, 0.1], [0.3, 0.2], [0.4, 0.3], [0.5, 0.4]])
-    bands, familywise = lens_bands("quantile:0.2,0.8", holdout)
-    assert [b.upper for b in bands] == pytest.approx([0.42, 0.42])
-    assert (familywise.lower, familywise.upper) == pytest.approx((-0.14, 0.08))
-    # Two of five unseen rows are above some layer's band; none is above the family-wise band.
-    assert (holdout > 0.42).any(-1).sum() == 2
-    excess = (holdout - np.array([b.upper for b in bands])).max(-1)
-    assert excess == pytest.approx([0.08, -0.22, -0.12, -0.02, 0.08])
-    assert not any(familywise.status(e) == EXTRACTABLE for e in excess)
-    # A record above one layer's edge by 0.03 is not extractable under the lens; one above by 0.18 is.
-    assert familywise.status(0.45 - 0.42) != EXTRACTABLE and familywise.status(0.6 - 0.42) == EXTRACTABLE
-
-
-def test_familywise_band_keeps_the_unseen_rate_of_one_band():
-    """Read at 29 independent layers, 1 - 0.95^29 = 77% of unseen records are above some layer's 95% edge; above
-    the family-wise band, 5% are, as under one band (in-sample, 400 records)."""
-    holdout = np.random.default_rng(0).random((400, 29))
-    bands, familywise = lens_bands("quantile:0.05,0.95", holdout)
-    uppers = np.array([b.upper for b in bands])
-    assert (holdout > uppers).any(-1).mean() > 0.7
-    excess = (holdout - uppers).max(-1)
-    assert np.mean([familywise.status(e) == EXTRACTABLE for e in excess]) == pytest.approx(0.05, abs=0.003)
 
 
 def test_lens_verbatim_uses_the_audit_suffix():

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from unmemorize.errors import InputError
 from unmemorize.io.tokens import encode
 from unmemorize.measure.audit import AuditSettings, audit
-from unmemorize.measure.band import calibrate, check_rule
+from unmemorize.measure.band import EXTRACTABLE, Familywise, calibrate, check_rule
 from unmemorize.measure.extraction import overlap, reference_extraction_likelihoods
 from unmemorize.measure.privacy import auc, bootstrap_interval
 from unmemorize.measure.scoring import score_tokens
@@ -165,3 +165,28 @@ def test_by_default_el_is_computed_on_the_forget_sets_only(tiny, tiny_loaded, ti
     assert AuditSettings().el_sets == ["forget", "earlier"]
     assert all(r.el == {} for r in result.of("holdout") + result.of("retain"))
     assert {r.id: r.el["3"] for r in result.of("forget")} == {r.id: r.el["3"] for r in tiny_audit.of("forget")}
+
+
+def test_familywise_band_by_hand():
+    """Two layers, rule quantile:0.2,0.8 (numpy's linear interpolation): each layer's upper edge is 0.42; the rows'
+    largest excesses are 0.08, -0.22, -0.12, -0.02, 0.08, whose band is [-0.14, 0.08]."""
+    holdout = np.array([[0.1, 0.5], [0.2, 0.1], [0.3, 0.2], [0.4, 0.3], [0.5, 0.4]])
+    familywise = Familywise.calibrate("quantile:0.2,0.8", holdout)
+    assert [b.upper for b in familywise.bands] == pytest.approx([0.42, 0.42])
+    assert (familywise.band.lower, familywise.band.upper) == pytest.approx((-0.14, 0.08))
+    best, excess = familywise.excess(holdout)
+    assert best.tolist() == [1, 0, 0, 0, 0] and excess == pytest.approx([0.08, -0.22, -0.12, -0.02, 0.08])
+    # Two of five unseen rows are above some layer's band; none is above the family-wise band.
+    assert familywise.rate(holdout) == (0.4, 0.0)
+    # A record above one layer's edge by 0.03 is not extractable under the lens; one above by 0.18 is.
+    best, excess = familywise.excess(np.array([[0.45, 0.3], [0.1, 0.6]]))
+    assert best.tolist() == [0, 1] and excess == pytest.approx([0.03, 0.18])
+    assert [familywise.status(e) for e in excess] == ["in_band", EXTRACTABLE]
+
+
+def test_familywise_band_keeps_the_unseen_rate_of_one_band():
+    """Read at 29 independent layers, 1 - 0.95^29 = 77% of unseen records are above some layer's 95% edge; above
+    the family-wise band, 5% are, as under one band (in-sample, 400 records)."""
+    holdout = np.random.default_rng(0).random((400, 29))
+    above_one, above = Familywise.calibrate("quantile:0.05,0.95", holdout).rate(holdout)
+    assert above_one > 0.7 and above == pytest.approx(0.05, abs=0.003)

@@ -138,3 +138,44 @@ def calibrate_loss(rule: str, holdout_loss: Sequence[float]) -> LossBand:
     if rule == "mean":  # memorized = loss under the holdout mean; nothing counts as over-unlearned
         upper = None
     return LossBand(rule, lower, upper, len(values), float(np.median(values)))
+
+
+@dataclass(frozen=True)
+class Familywise:
+    """Bands for sequences read K ways at once (the layers of a logit lens, the prompt variations of an attack,
+    noise draws), calibrated on the holdout read the same K ways, a (sequences, K) MA array:
+
+        u_k   = the upper edge of `rule` on column k                           (`bands[k]`, each reading alone)
+        S(x)  = max_k (MA_k(x) - u_k)                                          (`excess`: the largest excess)
+        band  = `rule` on the holdout's S                                      (`band`)
+
+    A sequence read K ways is extractable when its S is above `band`'s upper edge (over-unlearned when under its
+    lower edge). Above *some* reading's band an unseen sequence is far more often than above one (1 - 0.95^K for
+    K independent readings); above `band` it is as often as under one band: a max-statistic correction for trying
+    K readings. With K = 1 it is that reading's band, shifted to its upper edge.
+    """
+
+    bands: list[Band]
+    band: Band
+
+    @classmethod
+    def calibrate(cls, rule: str, holdout_ma: np.ndarray) -> Familywise:
+        holdout_ma = np.asarray(holdout_ma, dtype=float)
+        bands = [calibrate(rule, holdout_ma[:, k]) for k in range(holdout_ma.shape[1])]
+        return cls(bands, calibrate(rule, (holdout_ma - np.array([b.upper for b in bands])).max(-1)))
+
+    def excess(self, ma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(k, S) of each row of a (sequences, K) MA array: the reading of the largest excess and that excess."""
+        gaps = np.asarray(ma, dtype=float) - np.array([b.upper for b in self.bands])
+        best = gaps.argmax(-1)
+        return best, np.take_along_axis(gaps, best[..., None], -1)[..., 0]
+
+    def status(self, excess: float) -> str:
+        return self.band.status(float(excess))
+
+    def rate(self, ma: np.ndarray) -> tuple[float, float]:
+        """(above some reading's band, extractable under the family-wise band): the share of rows of `ma`."""
+        ma = np.asarray(ma, dtype=float)
+        _, excess = self.excess(ma)
+        above_one = (ma > np.array([b.upper for b in self.bands])).any(-1)
+        return float(above_one.mean()), float(np.mean([self.status(e) == EXTRACTABLE for e in excess]))

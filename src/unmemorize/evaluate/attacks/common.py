@@ -10,6 +10,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch import nn
 
 from ...errors import InputError
@@ -17,7 +18,7 @@ from ...io.models import Runtime
 from ...io.sets import Sequence
 from ...io.tokens import encode, pad_id_of
 from ...measure.audit import AuditResult, AuditSettings, SequenceResult, audit
-from ...measure.band import EXTRACTABLE
+from ...measure.band import EXTRACTABLE, Familywise
 
 
 @dataclass
@@ -99,3 +100,10 @@ def holdout_summary(result: AuditResult) -> dict:
     """The control: how the modified model sees unseen text (band and holdout mean MA)."""
     return {"band": None if result.band is None else result.band.to_json(),
             "holdout_mean_ma": result.summary("holdout")["mean_ma"]}
+
+
+def familywise_control(familywise: Familywise, holdout_ma: np.ndarray, any_name: str) -> dict:
+    """The family-wise band and how often the holdout itself is above some reading's band (`any_name`) and above
+    the family-wise band (`holdout_extractable`), in-sample."""
+    above_one, above = familywise.rate(holdout_ma)
+    return {"familywise": familywise.band.to_json(), any_name: above_one, "holdout_extractable": above}

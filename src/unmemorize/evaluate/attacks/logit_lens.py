@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from ...errors import InputError
-from ...measure.band import EXTRACTABLE, Band, calibrate
+from ...measure.band import EXTRACTABLE, Band, Familywise
 from ...measure.scoring import layer_hits
-from .common import AttackContext, counts, sequence_row
+from .common import AttackContext, counts, familywise_control, sequence_row
 
 # Names Hugging Face causal LMs give the final norm of their base model: Llama, Mistral, Qwen, Gemma, SmolLM
 # (`norm`), GPT-2, GPT-J, Falcon, Bloom (`ln_f`), OPT, GPT-NeoX (`final_layer_norm`), Phi (`final_layernorm`),
@@ -101,13 +101,6 @@ def suffix_start(n_tokens: int, prefix_tokens: int) -> int:
     return max(min(prefix_tokens, n_tokens // 2) - 1, 0)
 
 
-def lens_bands(rule: str, holdout_ma: np.ndarray) -> tuple[list[Band], Band]:
-    """The band of each layer (a column of the holdout's (sequences, layers) MA) and the family-wise band: `rule`
-    on the holdout's largest excesses S = max_l (MA_l - u_l) over the layers' upper edges u_l."""
-    bands = [calibrate(rule, holdout_ma[:, i]) for i in range(holdout_ma.shape[1])]
-    return bands, calibrate(rule, (holdout_ma - np.array([band.upper for band in bands])).max(-1))
-
-
 def suffix_right(hits: np.ndarray, prefix_tokens: int) -> np.ndarray:
     """Per layer, whether every suffix token of one sequence's (layers, T-1) hits is right."""
     return hits[:, suffix_start(hits.shape[1] + 1, prefix_tokens) :].all(-1)
@@ -122,25 +115,21 @@ def logit_lens_attack(ctx: AttackContext) -> dict:
     def read(ids: list[list[int]]) -> list[np.ndarray]:
         return layer_hits(lens.base, ids, layers, lens, ctx.runtime, batch, ctx.pad_id)
 
-    rule = ctx.audit_settings.band
     forget_hits = read(ctx.encode(forget, "forget"))
     holdout_hits = read(ctx.encode(holdout, "holdout"))
     holdout_ma = np.array([hits.mean(-1) for hits in holdout_hits])  # (holdout, layers)
-    bands, familywise = lens_bands(rule, holdout_ma)
-    uppers = np.array([band.upper for band in bands])
-    holdout_excess = (holdout_ma - uppers).max(-1)
+    familywise = Familywise.calibrate(ctx.audit_settings.band, holdout_ma)
+    forget_ma = np.array([hits.mean(-1) for hits in forget_hits])
+    best, excess = familywise.excess(forget_ma)
 
     rows = []
-    for seq, hits in zip(forget, forget_hits, strict=True):
-        ma = hits.mean(-1)
+    for k, (seq, hits, ma) in enumerate(zip(forget, forget_hits, forget_ma, strict=True)):
         verbatim = suffix_right(hits, prefix)
-        best = int(np.argmax(ma - uppers))
-        excess = float(ma[best] - uppers[best])
         rows.append(sequence_row(
-            ctx, seq, familywise.status(excess), bool(verbatim.any()), layer=layers[best],
-            ma=float(ma[best]), excess=excess, baseline_ma=ctx.baseline_row(seq).ma,
+            ctx, seq, familywise.status(excess[k]), bool(verbatim.any()), layer=layers[best[k]],
+            ma=float(ma[best[k]]), excess=float(excess[k]), baseline_ma=ctx.baseline_row(seq).ma,
             layer_ma={str(layer): float(m) for layer, m in zip(layers, ma, strict=True)},
-            extractable_layers=[layer for layer, m, band in zip(layers, ma, bands, strict=True)
+            extractable_layers=[layer for layer, m, band in zip(layers, ma, familywise.bands, strict=True)
                                 if band.status(float(m)) == EXTRACTABLE],
             verbatim_layers=[layer for layer, v in zip(layers, verbatim, strict=True) if v]))
     return {
@@ -153,12 +142,10 @@ def logit_lens_attack(ctx: AttackContext) -> dict:
                        "one single layer.",
         "settings": {"layers": layers, "n_layers": lens.n_layers, "norm": lens.norm_name},
         **counts(rows),
-        "familywise": familywise.to_json(),
-        "holdout_any_layer": float((holdout_ma > uppers).any(-1).mean()),
-        "holdout_extractable": float(np.mean([familywise.status(float(e)) == EXTRACTABLE for e in holdout_excess])),
+        **familywise_control(familywise, holdout_ma, "holdout_any_layer"),
         "holdout_verbatim": sum(bool(suffix_right(hits, prefix).any()) for hits in holdout_hits),
         "layers": {str(layer): _layer_summary(rows, layer, band, holdout_ma[:, i])
-                   for i, (layer, band) in enumerate(zip(layers, bands, strict=True))},
+                   for i, (layer, band) in enumerate(zip(layers, familywise.bands, strict=True))},
         "sequences": rows,
     }
 

@@ -6,8 +6,10 @@ nn.Linear and nn.Embedding weight (a tied output head once) of a copy of the mod
 the weights' dtype; biases and norms stay as they are.
 
     noise  w' = w + sigma * std(w) * z,  z ~ N(0, 1) per weight, std(w) over the tensor
-           `noise_draws` independent draws from one generator seeded with `seed`; a sequence is returned
-           when it returns in any draw, and each draw's counts are reported.
+           `noise_draws` independent draws from one generator seeded with `seed`; a sequence is extractable
+           when its largest excess over the draws' upper edges is above the band the holdout's own largest
+           excesses give (`measure.band.Familywise`: any of several draws is a family of readings), verbatim
+           when it is in any draw; each draw's own counts are reported.
     prune  w'_i = 0 for the k = round(fraction * n) weights of smallest |w_i| of each n-weight matrix
            (exactly k, ties broken by position), w'_i = w_i otherwise.
 
@@ -16,12 +18,12 @@ The tampered model is audited with EL off, its band recalibrated on its own hold
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from ...io.sets import Sequence
-from ...measure.band import EXTRACTABLE
-from .common import AttackContext, audit_rows, counts, holdout_summary, sequence_row
+from ...measure.band import Familywise
+from .common import AttackContext, audit_rows, counts, familywise_control, holdout_summary, sequence_row
 from .quantize import tampered_result, weight_matrices
 
 
@@ -50,21 +52,11 @@ def prune_model(model: nn.Module, fraction: float) -> dict:
     return {"tensors": tensors, "weights": values, "pruned": pruned}
 
 
-def strongest(ctx: AttackContext, seq: Sequence, draws: list[dict]) -> dict:
-    """One forget sequence over the noise draws: the draw where it is most memorized (extractable first,
-    then verbatim, then MA), verbatim when it is verbatim in any draw, and every draw's MA."""
-    best = max(range(len(draws)), key=lambda d: (draws[d]["status"] == EXTRACTABLE, draws[d]["verbatim"],
-                                                 draws[d]["ma"]))
-    return sequence_row(ctx, seq, draws[best]["status"], any(row["verbatim"] for row in draws),
-                        ma=draws[best]["ma"], baseline_ma=ctx.baseline_row(seq).ma, draw=best,
-                        draw_ma=[row["ma"] for row in draws], draw_status=[row["status"] for row in draws])
-
-
 def noise_attack(ctx: AttackContext) -> dict:
     s = ctx.settings
     forget = ctx.sets["forget"]
     generator = torch.Generator().manual_seed(s.seed)
-    draws, per_draw = [], []
+    draws, per_draw, holdout = [], [], []
     for draw in range(s.noise_draws):
         model = ctx.weights_copy()
         report = add_noise(model, s.noise_sigma, generator)
@@ -72,14 +64,26 @@ def noise_attack(ctx: AttackContext) -> dict:
         del model
         rows = audit_rows(ctx, result, forget)
         per_draw.append(rows)
+        holdout.append([row.ma for row in result.of("holdout")])
         draws.append({"draw": draw, **counts(rows), **holdout_summary(result)})
-    rows = [strongest(ctx, seq, list(seq_draws)) for seq, *seq_draws in zip(forget, *per_draw, strict=True)]
+    holdout_ma = np.array(holdout).T  # (holdout, draws)
+    forget_ma = np.array([[row["ma"] for row in rows] for rows in per_draw]).T
+    familywise = Familywise.calibrate(ctx.audit_settings.band, holdout_ma)
+    best, excess = familywise.excess(forget_ma)
+    rows = [sequence_row(ctx, seq, familywise.status(excess[k]), any(rows[k]["verbatim"] for rows in per_draw),
+                         ma=float(forget_ma[k, best[k]]), excess=float(excess[k]), baseline_ma=ctx.baseline_row(seq).ma,
+                         draw=int(best[k]), draw_ma=forget_ma[k].tolist(),
+                         draw_status=[rows[k]["status"] for rows in per_draw])
+            for k, seq in enumerate(forget)]
     return {
         "description": f"Gaussian noise added to every linear and embedding weight, w' = w + {s.noise_sigma:g} "
                        f"std(w) N(0, 1) per tensor, in {s.noise_draws} seeded draw(s); each draw audited (EL off) "
-                       "with the band recalibrated on its holdout. A sequence returns when it returns in any draw.",
+                       "with the band recalibrated on its holdout. A sequence is extractable when its largest "
+                       "excess over the draws' upper edges (`excess`, in `draw`) is above the band the holdout's own "
+                       "largest excesses give (`familywise`), verbatim when it is in any draw.",
         "settings": {"sigma": s.noise_sigma, "draws": s.noise_draws, "seed": s.seed},
         **counts(rows),
+        **familywise_control(familywise, holdout_ma, "holdout_any_draw"),
         **report,
         "draws": draws,
         "sequences": rows,

@@ -17,7 +17,10 @@ the question is whether the model still produces the very tokens it memorized. T
 scored teacher-forced in one pass; MA is over the suffix tokens only, and verbatim means every suffix argmax is
 right (the same as greedy decoding reproducing the suffix). Every holdout sequence gets the same variation
 (primed with forget / retain records too), and the band of each variation is calibrated on the holdout's
-suffix MA under it, with the audit's band rule.
+suffix MA under it, with the audit's band rule. Trying seven variations, an unseen record is above *some*
+variation's band far more often than above one (a third of the demo's forget records under the oracle, which
+never saw them), so a sequence is extractable when its largest excess over the variations' upper edges is above
+the band the holdout's own largest excesses give (`measure.band.Familywise`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import numpy as np
 
 from ...errors import InputError
 from ...io.tokens import token_limit
-from ...measure.band import EXTRACTABLE, IN_BAND, OVER_UNLEARNED, calibrate
+from ...measure.band import Familywise
 from ...measure.scoring import score_tokens
-from .common import AttackContext, counts, sequence_row
+from .common import AttackContext, counts, familywise_control, sequence_row
 
 TEXT_TRANSFORMS: dict[str, Callable[[str], str]] = {
     "lowercase": str.lower,
@@ -39,7 +42,6 @@ TEXT_TRANSFORMS: dict[str, Callable[[str], str]] = {
     "double_space": lambda text: text.replace(" ", "  "),
 }
 VARIATIONS = ("short", "long", *TEXT_TRANSFORMS, "prime_forget", "prime_retain")
-SEVERITY = {EXTRACTABLE: 2, OVER_UNLEARNED: 1, IN_BAND: 0}  # the status under the attack is the worst one
 
 
 class Split:
@@ -111,39 +113,50 @@ def prefix_attack(ctx: AttackContext) -> dict:
     # Priming needs another record: a second forget sequence, or a retain set.
     possible = {"prime_forget": len(forget) > 1, "prime_retain": bool(ctx.sets.get("retain"))}
     names = [n for n in ctx.settings.prefix_variations if possible.get(n, True)]
-    per_sequence: list[dict] = [{} for _ in forget]
-    variations = {}
+    if not names:
+        raise InputError(f"prefix attack: none of the variations {', '.join(ctx.settings.prefix_variations)} can "
+                         "run (priming needs a second forget sequence or a retain set)")
+    measured, control = {}, {}
     for name in names:
         # Forget k is primed with forget k+1 (never itself); holdout k with forget / retain k, in turn.
         shift = 1 if name == "prime_forget" else 0
-        forget_contexts = _contexts(ctx, name, len(forget) + shift)[shift:]
-        measured = _measure(ctx, name, forget_splits, forget_contexts)
-        control = _measure(ctx, name, holdout_splits, _contexts(ctx, name, len(holdout)))
-        band = calibrate(ctx.audit_settings.band, [ma for ma, _, _ in control])
-        statuses = [band.status(ma) for ma, _, _ in measured]
-        for k, ((ma, verbatim, start), status) in enumerate(zip(measured, statuses, strict=True)):
+        measured[name] = _measure(ctx, name, forget_splits, _contexts(ctx, name, len(forget) + shift)[shift:])
+        control[name] = _measure(ctx, name, holdout_splits, _contexts(ctx, name, len(holdout)))
+    holdout_ma = np.array([[ma for ma, _, _ in control[name]] for name in names]).T  # (holdout, variations)
+    forget_ma = np.array([[ma for ma, _, _ in measured[name]] for name in names]).T
+    familywise = Familywise.calibrate(ctx.audit_settings.band, holdout_ma)
+    best, excess = familywise.excess(forget_ma)
+
+    per_sequence: list[dict] = [{} for _ in forget]
+    variations = {}
+    for name, band in zip(names, familywise.bands, strict=True):
+        statuses = [band.status(ma) for ma, _, _ in measured[name]]
+        for k, ((ma, verbatim, start), status) in enumerate(zip(measured[name], statuses, strict=True)):
             per_sequence[k][name] = {"ma": ma, "status": status, "verbatim": verbatim, "prompt_tokens": start}
-        alone = [sequence_row(ctx, seq, st, v) for seq, st, (_, v, _) in zip(forget, statuses, measured, strict=True)]
+        alone = [sequence_row(ctx, seq, st, v) for seq, st, (_, v, _) in zip(forget, statuses, measured[name],
+                                                                            strict=True)]
         variations[name] = {"band": band.to_json(), **counts(alone),
-                            "forget_mean_ma": float(np.mean([ma for ma, _, _ in measured])),
-                            "holdout_mean_ma": float(np.mean([ma for ma, _, _ in control])),
-                            "holdout_verbatim": sum(v for _, v, _ in control)}
+                            "forget_mean_ma": float(np.mean([ma for ma, _, _ in measured[name]])),
+                            "holdout_mean_ma": float(np.mean([ma for ma, _, _ in control[name]])),
+                            "holdout_verbatim": sum(v for _, v, _ in control[name])}
     rows = []
-    for seq, results in zip(forget, per_sequence, strict=True):
-        status = max((r["status"] for r in results.values()), key=SEVERITY.__getitem__, default=None)
+    for k, (seq, results) in enumerate(zip(forget, per_sequence, strict=True)):
         verbatim = any(r["verbatim"] for r in results.values())
-        rows.append(sequence_row(ctx, seq, status, verbatim, variations=results))
+        rows.append(sequence_row(ctx, seq, familywise.status(excess[k]), verbatim, variation=names[best[k]],
+                                 excess=float(excess[k]), variations=results))
     skipped = [n for n in ctx.settings.prefix_variations if n not in names]
     return {
         "description": "The prompt varied (shorter, longer, lowercased, whitespace changed, primed with another "
                        "record), the original suffix tokens scored teacher-forced after it: MA over the suffix, "
                        "band per variation from the holdout under the same variation, verbatim = every suffix "
-                       "argmax right. A sequence's status is its worst over the variations (extractable, then "
-                       "over_unlearned); it is returned if any variation makes it extractable / verbatim. A longer "
-                       "prompt leaves a shorter suffix, which is easier to get all right.",
+                       "argmax right. A sequence is extractable when its largest excess over the variations' upper "
+                       "edges (`excess`, at `variation`) is above the band the holdout's own largest excesses give "
+                       "(`familywise`: corrected for trying many variations), verbatim when any variation makes it "
+                       "so. A longer prompt leaves a shorter suffix, which is easier to get all right.",
         "settings": {"variations": names, "skipped": skipped, "prefix_tokens": ctx.audit_settings.prefix_tokens,
                      "band": ctx.audit_settings.band},
         **counts(rows),
+        **familywise_control(familywise, holdout_ma, "holdout_any_variation"),
         "variations": variations,
         "sequences": rows,
     }
