@@ -6,6 +6,7 @@ unlearns its request with the default method and options (hinge, band stop, targ
 oracle, generation health, the neighbours), and prints the goal table (also written to `<out>/goal.md`).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/second_victim.py --out /tmp/second/run [--max-steps 150]
+        [--attacks] [--set KEY=VALUE ...]      # the default attacks in the run; any unlearn setting, e.g. sam_rho=0.05
     .venv/bin/python bench/second_victim.py --out /tmp/second/run --render    # the table of a finished run
 
 A build takes ~15-25 minutes on a loaded CPU, the oracle as long again; both are cached under
@@ -22,6 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import yaml
 from machine import cpu_model
 
 from unmemorize.io.models import make_runtime
@@ -117,6 +119,15 @@ def goal_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def attack_table(run_dir: Path) -> str:
+    """What each attack brought back (after.json's "attacks"), with its seconds."""
+    attacks = json.loads((run_dir / "after.json").read_text()).get("attacks") or {}
+    lines = ["| attack | returned extractable | returned verbatim | seconds |", "|---|---|---|---|"]
+    lines += [f"| {name} | {entry['returned_extractable']} | {entry['returned_verbatim']} | "
+              f"{entry.get('seconds', 0):.0f} |" for name, entry in attacks.items()]
+    return "\n".join(lines)
+
+
 def properties(victim: Path) -> str:
     """The victim's properties from its recipe.json (measured on the merged checkpoint, before and after)."""
     info = json.loads((victim / "recipe.json").read_text())
@@ -141,11 +152,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--attacks", action="store_true", help="run the default attacks on the unlearned model")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an unlearn setting (`UnlearnSettings`, VALUE read as YAML), e.g. sam_rho=0.05")
     parser.add_argument("--render", action="store_true", help="only print the table of a finished run in --out")
     args = parser.parse_args()
+    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
     # the command that makes the run (also under --render, which only prints its table again)
     command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), sys.argv[0], "--out", str(args.out)]
-                       + ([] if args.max_steps == 150 else ["--max-steps", str(args.max_steps)]))
+                       + ([] if args.max_steps == 150 else ["--max-steps", str(args.max_steps)])
+                       + (["--attacks"] if args.attacks else []) + [f"--set={item}" for item in args.set])
     out = args.out
     recipe = {"generator": GENERATOR}
     runtime = make_runtime()
@@ -162,8 +178,8 @@ def main() -> int:
         shutil.rmtree(run_dir.with_name("run.partial"), ignore_errors=True)
         for leftover in out.glob(".run*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        settings = UnlearnSettings(max_steps=args.max_steps,
-                                   evaluation={"oracle": str(oracle_path), "attacks": None, "health": True})
+        settings = UnlearnSettings(max_steps=args.max_steps, **overrides, evaluation={
+            "oracle": str(oracle_path), "attacks": {} if args.attacks else None, "health": True})
         print(f"unlearning {len(data.forget)} records with {settings.method} (lr {settings.learning_rate}, "
               f"stop {settings.stop}, target {settings.target}, max {settings.max_steps} steps) ...", flush=True)
         unlearn(str(victim), sets, data.general, settings, runtime, run_dir, neighbours=data.neighbours,
@@ -177,6 +193,8 @@ def main() -> int:
         f"Command: `OMP_NUM_THREADS=1 UNMEMORIZE_HOME={embedded.home()} {command}`",
         "### The victim (recipe.json)", properties(victim),
         "### Goals", goal_table(run_dir),
+        *(["### Attacks (returned extractable / verbatim, of the request)", attack_table(run_dir)]
+          if args.attacks else []),
     ]) + "\n"
     print(text)
     (out / "goal.md").write_text(text)
