@@ -14,8 +14,8 @@ at L - 1 layers, an unseen record lies above *some* layer's band far more often 
     S(x) = max_l (MA_l(x) - u_l)
 
 against the band the holdout's own S gives with the audit's rule (`familywise`): a forget sequence is
-extractable under the lens when S is above that band's upper edge, so an unseen record is as often as under
-one band (a max-statistic correction; with one layer it is that layer's band). `holdout_any_layer` reports
+extractable under the lens when S is above that band's upper edge, which an unseen record is as rarely as it is
+above one band (a max-statistic correction; with one layer it is that layer's band). `holdout_any_layer` reports
 the uncorrected rate, `holdout_extractable` the corrected one, both in-sample on the holdout. A sequence is
 verbatim under the lens when at one single layer every suffix token is right (the audit's suffix: after
 P = min(prefix_tokens, T // 2) tokens): the greedy decoding of that layer's readout would reproduce the
