@@ -48,8 +48,7 @@ def relearn_attack(ctx: AttackContext, benign: bool = False) -> dict:
     epochs = math.ceil(s.relearn_steps / math.ceil(len(trained) / batch))  # one step per epoch when batch = all
     model = ctx.weights_copy()
     losses = finetune(model, ctx.encode(trained, trained_name), epochs=epochs, max_steps=s.relearn_steps,
-                      lr=s.relearn_lr, batch_size=batch,
-                      seed=s.seed, runtime=ctx.runtime, pad_id=ctx.pad_id,
+                      lr=s.relearn_lr, batch_size=batch, seed=s.seed, runtime=ctx.runtime, pad_id=ctx.pad_id,
                       description="benign relearn attack" if benign else "relearn attack")
     result = ctx.audit(model, {"forget": audited, "holdout": ctx.sets["holdout"]})
     del model
