@@ -44,6 +44,16 @@ def tiny_oracle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def general() -> list:
+    """General text for a tiny run's utility guard: ten record-like sentences no tiny model trained on."""
+    from tiny import sentences
+
+    from unmemorize.io.sets import Sequence
+
+    return [Sequence(f"g{i}", text) for i, text in enumerate(sentences(10, seed=99))]
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny):
     from unmemorize.io.models import load_model, make_runtime
 

@@ -145,13 +145,6 @@ def test_target_indistinguishable_pushes_down_loss_memorized_and_never_the_over_
 # ---- runs on the tiny model -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def general():
-    from tiny import sentences
-
-    return [Sequence(f"g{i}", text) for i, text in enumerate(sentences(10, seed=99))]
-
-
 def test_target_indistinguishable_is_reached_only_with_every_forget_loss_in_band(tiny, general, tmp_path):
     sets = {k: v for k, v in tiny["sets"].items() if k in ("forget", "holdout", "retain")}
     settings = UnlearnSettings(method="sga", lr=3e-4, retain_loss="nll", max_steps=60, max_utility_drop=10.0,

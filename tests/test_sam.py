@@ -17,7 +17,6 @@ from test_distributed import TOL, TORCHRUN, rank_exit_codes, read_run, torchrun
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from unmemorize.io.models import folder_sha256, load_model, make_runtime
-from unmemorize.io.sets import Sequence
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
 from unmemorize.unlearning import loop
@@ -30,13 +29,6 @@ FAST_AUDIT = {"el_n": [], "prefix_tokens": 8, "batch_size": 8}
 FAST = ["--el-n", "0", "--prefix-tokens", "8", "--device", "cpu", "--dtype", "float32"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 RHO = 0.5
-
-
-@pytest.fixture(scope="module")
-def general():
-    from tiny import sentences
-
-    return [Sequence(f"g{i}", text) for i, text in enumerate(sentences(10, seed=99))]
 
 
 def mean_logprob(model, sequences: list[list[int]]) -> torch.Tensor:

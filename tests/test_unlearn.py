@@ -27,13 +27,6 @@ FAST_AUDIT = {"el_n": [], "prefix_tokens": 8, "batch_size": 8}
 RUNTIME = make_runtime("cpu", "float32")
 
 
-@pytest.fixture(scope="module")
-def general():
-    from tiny import sentences
-
-    return [Sequence(f"g{i}", text) for i, text in enumerate(sentences(10, seed=99))]
-
-
 def run(tiny, general, out, **options):
     """A run with `options`; target `ma` unless given (what these tests of each method's behaviour assume)."""
     settings = UnlearnSettings(**{"audit": FAST_AUDIT, "target": "ma", **options})

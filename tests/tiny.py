@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from unmemorize.io.models import make_runtime, save_checkpoint
+from unmemorize.io.models import Runtime, make_runtime, save_checkpoint
 from unmemorize.io.sets import Sequence
 from unmemorize.io.tokens import encode
 from unmemorize.unlearning.train import finetune
@@ -53,10 +53,12 @@ def tiny_sets(seed: int = 0) -> dict[str, list[Sequence]]:
     }
 
 
-def build_tiny_model(folder: Path, seed: int = 0, epochs: int = 12, oracle: bool = False) -> dict[str, list[Sequence]]:
+def build_tiny_model(folder: Path, seed: int = 0, epochs: int = 12, oracle: bool = False,
+                     runtime: Runtime | None = None) -> dict[str, list[Sequence]]:
     """Train the tiny model on forget + retain (forget f0-f3 eight times) and save it to `folder`.
 
-    `oracle=True` trains the same recipe without the forget set: what exact unlearning would give.
+    `oracle=True` trains the same recipe without the forget set: what exact unlearning would give. `runtime`:
+    where and in what precision to train (default CPU float32; bench/gpu_check.py trains on the GPU).
     """
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
@@ -69,7 +71,8 @@ def build_tiny_model(folder: Path, seed: int = 0, epochs: int = 12, oracle: bool
     train = sets["forget"][:4] * 8 + sets["forget"][4:] + sets["retain"] * 3
     if oracle:
         train = sets["retain"] * 3
-    runtime = make_runtime("cpu", "float32")
+    runtime = runtime or make_runtime("cpu", "float32")
+    model.to(runtime.device, runtime.weights)
     ids = encode(tokenizer, train, 256)
     finetune(model, ids, epochs=epochs, lr=3e-3, batch_size=8, seed=seed, runtime=runtime, pad_id=0,
              description="tiny model")

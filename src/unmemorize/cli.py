@@ -36,8 +36,10 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle 
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")]
 Oracle = Annotated[str | None, typer.Option("--oracle", help="A model trained without the forget set: forget "
                                             "quality, privleak, its own statuses.")]
-Decoding = Annotated[str | None, typer.Option("--decoding", help="Audit through a decoding-time guard that leaves "
-                                              "the weights unchanged: dpd:LAMBDA | filter:N")]
+Decoding = Annotated[str | None, typer.Option("--decoding", help="Measure through a guard that leaves the weights "
+                                              "unchanged: decoding-time dpd:LAMBDA | filter:N, or input-side "
+                                              "icul:K | guardrail[:TEXT] | input_filter[:ngram|embed][:TAU] "
+                                              "(docs/concepts.md)")]
 Tasks = Annotated[str | None, typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated "
                                            "(unmemorize_pyfacts ships offline).")]
 
@@ -91,7 +93,10 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
           max_tokens: MaxTokens = 256, prefix_tokens: PrefixTokens = 32, el_n: ElN = "10",
           el_sets: ElSets = "forget,earlier",
           band: BandRule = "quantile:0.05,0.95", show_text: ShowText = False, allow_pickle: AllowPickle = False,
-          trust_remote_code: TrustRemoteCode = False, oracle: Oracle = None, decoding: Decoding = None) -> None:
+          trust_remote_code: TrustRemoteCode = False, oracle: Oracle = None, decoding: Decoding = None,
+          general: Annotated[str | None, typer.Option("--general", help="General text: its perplexity under the "
+                                                      "measured model (through --decoding's guard) goes to "
+                                                      "audit.json's utility.")] = None) -> None:
     """Per-sequence measures, the band, statuses and privacy AUCs; writes audit.json and audit.csv. Data parallel
     under torchrun."""
     import contextlib
@@ -100,12 +105,13 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
     from .evaluate.suite import audit_oracle, evaluate_audit
     from .io.models import make_runtime
     from .measure.audit import audit as run_audit
-    from .report.terminal import print_audit, print_oracle
+    from .report.terminal import print_audit, print_guard, print_oracle
 
     settings = audit_settings(max_tokens, prefix_tokens, el_n, band, batch_size, seed, el_sets)
     check_out(out)
     decoding_spec = parse_decoding_option(decoding)
     sets = load_sets(forget=forget, holdout=holdout, retain=retain)
+    general_set = load_general(general) if general is not None else None
     if oracle is not None and "holdout" not in sets:
         raise InputError("--oracle needs --holdout: the comparison uses both sets' statuses and AUCs")
     runtime = make_runtime(device, dtype)
@@ -124,10 +130,18 @@ def audit(model: Model, forget: Forget, holdout: Holdout = None, retain: Retain 
             result.extra["decoding"] = info["decoding"]
         oracle_audit = audit_oracle(oracle, sets, settings, runtime, load_options) if oracle else None
         evaluate_audit(result, measured, tokenizer, sets, settings, runtime, oracle_audit=oracle_audit)
+        if general_set is not None:
+            from .io.tokens import encode, pad_id_of
+            from .measure.utility import utility
+
+            ids = encode(tokenizer, general_set, settings.max_tokens, "general")
+            ppl = utility(measured, None, ids, runtime, settings.batch_size, pad_id_of(tokenizer))["general_ppl"]
+            result.extra["utility"] = {"general_ppl": ppl, "general_sequences": len(ids)}
     if rank != 0:  # under torchrun only the main process reports and writes
         return
     print_audit(result, console, show_text)
     print_oracle(result, console)
+    print_guard(result.extra, console)
     if out is not None:
         result.write(out, "audit", show_text)
         console.print(f"Wrote {out / 'audit.json'} and {out / 'audit.csv'}")
@@ -146,6 +160,10 @@ def load_measured_model(model: str, runtime, load_options: dict, decoding_spec, 
     None without --decoding. Attacks that change weights change the inner model and wrap it again."""
     from .io.models import load_model, state_sha256
 
+    if decoding_spec is not None:
+        from .evaluate.decoding import check_guard_inputs
+
+        check_guard_inputs(decoding_spec, sets)
     with console.status("loading model"):
         lm, tokenizer = load_model(model, runtime, **load_options)
     info = {"source": model, "sha256": state_sha256(lm), "runtime": runtime.describe()}
@@ -155,7 +173,11 @@ def load_measured_model(model: str, runtime, load_options: dict, decoding_spec, 
         from .io.tokens import encode
 
         forget_ids = encode(tokenizer, sets["forget"], settings.max_tokens, "forget")
-        wrap = lambda inner: guard(inner, decoding_spec, forget_ids)  # noqa: E731
+        retain_ids = encode(tokenizer, sets["retain"], settings.max_tokens, "retain") if sets.get("retain") else None
+        guard(lm, decoding_spec, forget_ids, tokenizer=tokenizer, retain_ids=retain_ids,
+              prefix_tokens=settings.prefix_tokens)  # a guard that cannot be made fails here, before any measure
+        wrap = lambda inner: guard(inner, decoding_spec, forget_ids, tokenizer=tokenizer,  # noqa: E731
+                                   retain_ids=retain_ids, prefix_tokens=settings.prefix_tokens)
         info["decoding"] = describe(decoding_spec)
     return lm, tokenizer, info, wrap
 
@@ -191,7 +213,7 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
     from .io.files import atomic_write_text
     from .io.models import make_runtime
     from .measure.audit import audit as run_audit
-    from .report.terminal import attack_table
+    from .report.terminal import attack_table, print_guard
 
     settings = audit_settings(max_tokens, prefix_tokens, "0", band, batch_size, seed)
     try:
@@ -218,10 +240,12 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
     with console.status("attacking"):
         results = run_attacks(lm, tokenizer, sets, settings, runtime, attack_settings, baseline=baseline, wrap=wrap)
     report = {"model": info, "settings": {"audit": settings.model_dump(), "attacks": attack_settings.model_dump()},
-              "baseline": {"band": baseline.band.to_json(), "forget": baseline.summary("forget")}, **results}
+              "baseline": {"band": baseline.band.to_json(), "forget": baseline.summary("forget")},
+              **({"decoding": info["decoding"]} if "decoding" in info else {}), **results}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "attack.json", json.dumps(report, indent=1) + "\n")
     console.print(attack_table(results, baseline))
+    print_guard(info, console)
     console.print(f"Wrote {out / 'attack.json'}")
 
 
@@ -249,9 +273,26 @@ SamRho = Annotated[float | None, Opt("--sam-rho", help="Sharpness-aware unlearni
                                     "forget loss's gradient at the worst weights within this L2 radius, so that "
                                     "small weight changes (quantization, relearning) do not bring it back; one more "
                                     "forward and backward of the forget batch per step. \\[default: 0 = off]")]
+Harden = Annotated[str | None, Opt("--harden", help="none | Q8_0 | Q5_0 | Q4_1 | Q4_0: quantization-aware "
+                                   "unlearning: at every calibration also audit the weights round-tripped through "
+                                   "this GGUF format, and keep giving gradient (taken at those weights) to a forget "
+                                   "sequence that comes back there. \\[default: none]")]
+OptimizerOpt = Annotated[str | None, Opt("--optimizer", help="adam | sophia: Sophia is second-order unlearning "
+                                         "(SOUL): momentum over a diagonal Hessian estimate, clipped. "
+                                         "\\[default: adam]")]
+SophiaGamma = Annotated[float | None, Opt("--sophia-gamma", help="Sophia: gamma in lr * clip(m / max(gamma * h, "
+                                          "eps), 1). \\[default: 0.04]")]
+SophiaHessian = Annotated[str | None, Opt("--sophia-hessian", help="gnb | hutchinson: Sophia's diagonal Hessian "
+                                          "estimate. \\[default: gnb]")]
+SophiaEvery = Annotated[int | None, Opt("--sophia-every", help="Sophia: estimate the Hessian every this many "
+                                        "steps. \\[default: 1]")]
 Lora = Annotated[int | None, Opt("--lora", help="LoRA rank; 0 trains the weights. \\[default: 0]")]
 MaskFraction = Annotated[float | None, Opt("--mask-fraction", help="Train only this fraction of weights (largest "
                                            "forget gradient). \\[default: 0 = all]")]
+Localize = Annotated[str | None, Opt("--localize", help="causal:K: causal tracing ranks the layers by how much of "
+                                   "the forget continuations their MLP output restores under noised prefixes "
+                                   "(Meng et al. 2022); only the MLPs of the K top layers train. Writes "
+                                   "localization.json. \\[default: none = every layer]")]
 MaxUtilityDrop = Annotated[float | None, Opt("--max-utility-drop", help="\\[default: 0.10]")]
 General = Annotated[str | None, Opt("--general", help="General text for utility \\[default: Python docs].")]
 Config = Annotated[Path | None, Opt("--config", help="YAML file whose keys are these options.")]
@@ -266,7 +307,9 @@ CompareMethodArg = Annotated[list[str] | None, Opt("--method-arg", metavar="KEY=
 MaybeInt = Annotated[int | None, Opt()]
 MaybeStr = Annotated[str | None, Opt()]
 SETTING_KEYS = ("method", "lr", "margin", "max_steps", "stop", "target", "retain_loss", "retain_weight",
-                "neighbour_weight", "sam_rho", "lora", "mask_fraction", "max_utility_drop", "seed", "batch_size",
+                "neighbour_weight", "sam_rho", "optimizer", "sophia_gamma", "sophia_hessian", "sophia_every",
+                "harden", "lora", "mask_fraction", "localize", "max_utility_drop", "seed",
+                "batch_size",
                 "max_tokens", "prefix_tokens", "el_n", "el_sets", "band", "oracle", "attacks", "tasks")
 
 
@@ -283,8 +326,11 @@ def unlearn(
                                          "its model, and its ledger of forgotten sequences re-audited.")] = None,
     general: General = None, config: Config = None, lr: Lr = None, margin: Margin = None, max_steps: MaxSteps = None,
     stop: Stop = None, target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
-    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, sam_rho: SamRho = None, lora: Lora = None,
-    mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
+    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, sam_rho: SamRho = None,
+    optimizer: OptimizerOpt = None, sophia_gamma: SophiaGamma = None, sophia_hessian: SophiaHessian = None,
+    sophia_every: SophiaEvery = None, harden: Harden = None, lora: Lora = None,
+    mask_fraction: MaskFraction = None, localize: Localize = None, max_utility_drop: MaxUtilityDrop = None,
+    device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
     prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, el_sets: MaybeStr = None, band: MaybeStr = None,
     oracle: Oracle = None,
@@ -323,8 +369,11 @@ def compare(
     holdout: Holdout = None, retain: Retain = None,
     general: General = None, config: Config = None, lr: Lr = None, margin: Margin = None, max_steps: MaxSteps = None,
     stop: Stop = None, target: TargetOpt = None, retain_loss: RetainLoss = None, retain_weight: RetainWeight = None,
-    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, sam_rho: SamRho = None, lora: Lora = None,
-    mask_fraction: MaskFraction = None, max_utility_drop: MaxUtilityDrop = None, device: Device = "auto",
+    neighbours: Neighbours = None, neighbour_weight: NeighbourWeight = None, sam_rho: SamRho = None,
+    optimizer: OptimizerOpt = None, sophia_gamma: SophiaGamma = None, sophia_hessian: SophiaHessian = None,
+    sophia_every: SophiaEvery = None, harden: Harden = None, lora: Lora = None,
+    mask_fraction: MaskFraction = None, localize: Localize = None, max_utility_drop: MaxUtilityDrop = None,
+    device: Device = "auto",
     dtype: Dtype = "auto", batch_size: MaybeInt = None, seed: MaybeInt = None, max_tokens: MaybeInt = None,
     prefix_tokens: MaybeInt = None, el_n: MaybeStr = None, el_sets: MaybeStr = None, band: MaybeStr = None,
     oracle: Oracle = None,
@@ -688,7 +737,54 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
         options_table.add_row(key, ", ".join(names), default, text)
     console.print(options_table)
     console.print("Any gradient method also takes --retain-loss none|nll|kl, --retain-weight, --lora R, "
-                  "--mask-fraction F, --stop band|mean|steps, --target indistinguishable|ma, --max-steps.")
+                  "--mask-fraction F, --localize causal:K, --stop band|mean|steps, --target indistinguishable|ma, "
+                  "--max-steps.")
+
+
+@app.command()
+def plan(model: Model,
+         method: Annotated[str | None, Opt("--method", help="See `unmemorize methods`. \\[default: hinge]")] = None,
+         lora: Lora = None, retain_loss: RetainLoss = None,
+         devices: Annotated[int | None, Opt("--devices", help="Devices the run would use. \\[default: 1]")] = None,
+         batch: Annotated[int | None, Opt("--batch", help="Forget sequences that get gradient in one step. "
+                                          "\\[default: 12]")] = None,
+         length: Annotated[int | None, Opt("--length", help="Tokens per sequence. \\[default: 256]")] = None,
+         retain_batch: Annotated[int | None, Opt("--retain-batch", help="Retain (and neighbour) sequences per "
+                                                 "step. \\[default: 12]")] = None,
+         neighbours: Annotated[bool, Opt("--neighbours", help="The run gets --neighbours.")] = False,
+         batch_size: Annotated[int | None, Opt("--batch-size", help="Sequences per no-grad forward pass. "
+                                               "\\[default: 8]")] = None,
+         device: Annotated[str | None, Opt("--device", help="cuda | cpu: the device planned for. "
+                                           "\\[default: cuda]")] = None,
+         dtype: Dtype = "auto",
+         device_memory: Annotated[float | None, Opt("--device-memory", help="GiB of one device \\[default: the "
+                                                   "first CUDA device here, else this machine's RAM]")] = None,
+         as_json: Annotated[bool, Opt("--json", help="Print the plan as JSON.")] = False,
+         trust_remote_code: TrustRemoteCode = False) -> None:
+    """Memory per device of an `unlearn` run (weights, gradients, Adam, reference model, activations), from the
+    model's config alone (no weights loaded), and the launch command to use. Computed, not measured."""
+    import json
+
+    from .report.terminal import plan_table
+    from .runs.plan import plan as make_plan
+    from .runs.plan import plan_settings
+
+    settings = plan_settings(method=method, lora=lora, retain_loss=retain_loss, devices=devices, batch=batch,
+                             length=length, retain_batch=retain_batch, neighbours=neighbours,
+                             score_batch=batch_size, device=device, dtype=dtype, device_memory=device_memory)
+    result = make_plan(model, settings, trust_remote_code=trust_remote_code).to_json()
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    lora = f", LoRA r={settings.lora}" if settings.lora else ""
+    step = f"{result['precision']['name']}, {settings.batch} forget sequences x {result['settings']['length']} tokens"
+    console.print(f"Memory of `unlearn --model {model} --method {settings.method}{lora}` ({step} a step), "
+                  "computed by `unmemorize plan` from the config, not measured:", soft_wrap=True, highlight=False)
+    console.print(plan_table(result))
+    fits = f"fits ({result['recommended']})" if result["recommended"] else "[red]no layout fits[/]: try --lora, " \
+        "--dtype bfloat16 or more --devices"
+    console.print(f"On {result['device_memory'] / 2**30:.1f} GiB per device ({result['device_memory_source']}): {fits}")
+    console.print(result["command"], soft_wrap=True, highlight=False)
 
 
 @app.command("attacks")

@@ -72,44 +72,19 @@ def load_model(spec: str | os.PathLike, runtime: Runtime | None = None, *, allow
 
     runtime = runtime or make_runtime()
     spec = str(spec)
-    path = Path(spec)
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise InputError(f"model {spec}: GGUF file not found")
-        where, kwargs["gguf_file"] = str(path.parent), path.name
-    else:
-        where = spec
-        if path.exists() and not path.is_dir():
-            raise InputError(f"model {spec}: expected a model folder, a .gguf file or a hub id")
-        if path.is_dir() and not (path / "config.json").exists():
-            raise InputError(f"model {spec}: folder has no config.json (not a Hugging Face checkpoint)")
-        if path.is_dir() and not allow_pickle and not any(path.glob("*.safetensors")):
-            raise InputError(f"model {spec}: no .safetensors weights (pass --allow-pickle to load pickle "
-                             "weights, only from a source you trust)")
-        if not allow_pickle:
-            kwargs["use_safetensors"] = True
+    path, where, kwargs = _locate(spec, trust_remote_code)
+    if path.is_dir() and not allow_pickle and not any(path.glob("*.safetensors")):
+        raise InputError(f"model {spec}: no .safetensors weights (pass --allow-pickle to load pickle "
+                         "weights, only from a source you trust)")
+    if not allow_pickle and "gguf_file" not in kwargs:
+        kwargs["use_safetensors"] = True
     quiet = logging.getLogger("transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    hub = contextlib.nullcontext() if path.exists() else hub_access(f"model {spec}")
     try:
-        # a local load (a folder, the cache without the hub) is quick and its progress bar noise on stderr; a
-        # download keeps its bar
-        with hub as access, (no_progress_bars() if access is None or access.offline else contextlib.nullcontext()):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-                model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.weights, **kwargs)
-            except OSError:  # not cached, while the hub cannot be reached (or offline mode is on)
-                if access is not None and access.offline:
-                    raise InputError(f"model {spec}: cannot load: {access.reason()}") from None
-                raise
-    except InputError:
-        raise
-    except Exception as error:  # transformers raises OSError, ValueError, KeyError ... for a bad model
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = "" if path.exists() else " (not a local path; the hub could not provide it either)"
-        raise InputError(f"model {spec}: cannot load{hint}: {first}") from None
+        tokenizer, model = _fetch(spec, path, "load", lambda: (
+            AutoTokenizer.from_pretrained(where, **kwargs),
+            AutoModelForCausalLM.from_pretrained(where, dtype=runtime.weights, **kwargs)))
     finally:
         quiet.setLevel(level)
     if kwargs.get("gguf_file"):
@@ -118,6 +93,54 @@ def load_model(spec: str | os.PathLike, runtime: Runtime | None = None, *, allow
     model.to(runtime.device)
     model.eval()
     return model, tokenizer
+
+
+def read_config(spec: str | os.PathLike, trust_remote_code: bool = False):
+    """The model's config (transformers `PretrainedConfig`) from what `load_model` takes (a local folder, a `.gguf`
+    file or a hub id, the hub reached through `io.hub`: at once or not at all); no weights are read."""
+    from transformers import AutoConfig
+
+    spec = str(spec)
+    path, where, kwargs = _locate(spec, trust_remote_code)
+    return _fetch(spec, path, "read its config", lambda: AutoConfig.from_pretrained(where, **kwargs))
+
+
+def _locate(spec: str, trust_remote_code: bool) -> tuple[Path, str, dict]:
+    """(the local path, what to pass `from_pretrained`, its keyword arguments) for a folder, a `.gguf` file or a
+    hub id; InputError for a local path that is none of them."""
+    path = Path(spec)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise InputError(f"model {spec}: GGUF file not found")
+        return path, str(path.parent), {**kwargs, "gguf_file": path.name}
+    if path.exists() and not path.is_dir():
+        raise InputError(f"model {spec}: expected a model folder, a .gguf file or a hub id")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise InputError(f"model {spec}: folder has no config.json (not a Hugging Face checkpoint)")
+    return path, spec, kwargs
+
+
+def _fetch(spec: str, path: Path, what: str, load):
+    """`load()` (a `from_pretrained`), from the hub only through `io.hub` when `path` is not local; any failure
+    becomes one InputError line: "model SPEC: cannot WHAT: ..."."""
+    hub = contextlib.nullcontext() if path.exists() else hub_access(f"model {spec}")
+    try:
+        # a local load (a folder, the cache without the hub) is quick and its progress bar noise on stderr; a
+        # download keeps its bar
+        with hub as access, (no_progress_bars() if access is None or access.offline else contextlib.nullcontext()):
+            try:
+                return load()
+            except OSError:  # not cached, while the hub cannot be reached (or offline mode is on)
+                if access is not None and access.offline:
+                    raise InputError(f"model {spec}: cannot {what}: {access.reason()}") from None
+                raise
+    except InputError:
+        raise
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError ... for a bad model
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = "" if path.exists() else " (not a local path; the hub could not provide it either)"
+        raise InputError(f"model {spec}: cannot {what}{hint}: {first}") from None
 
 
 # Config fields that hold the longest input a model takes, in tokens (the names differ between families; GPT-2

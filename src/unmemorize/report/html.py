@@ -28,8 +28,8 @@ AUC_HELP = {"loss": "lower loss = member", "zlib": "loss / zlib length", "mink":
             "minkpp": "Min-K%++", "ref": "loss minus the original model's loss",
             "umia": "max(AUC, 1 − AUC) of loss: flags unlearning that stands out too"}
 # Files of a run folder worth linking from its report, in reading order.
-RUN_FILES = ("run.json", "before.json", "after.json", "before.csv", "after.csv", "trajectory.jsonl", "ledger.json",
-             "certificate.json")
+RUN_FILES = ("run.json", "before.json", "after.json", "before.csv", "after.csv", "trajectory.jsonl",
+             "localization.json", "ledger.json", "certificate.json")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class RunFolder:
     before: dict
     after: dict
     trajectory: list[dict]
+    localization: dict | None = None  # localization.json: causal tracing of --localize (None without it)
 
     @property
     def forget_before(self) -> dict:
@@ -87,7 +88,9 @@ def read_run(run_dir: Path) -> RunFolder:
         if not (run_dir / name).is_file():
             raise InputError(f"{run_dir}: not a finished unlearn run folder (no {name})")
     return RunFolder(path=run_dir, run=read_json(run_dir / "run.json"), before=read_json(run_dir / "before.json"),
-                     after=read_json(run_dir / "after.json"), trajectory=read_trajectory(run_dir / "trajectory.jsonl"))
+                     after=read_json(run_dir / "after.json"), trajectory=read_trajectory(run_dir / "trajectory.jsonl"),
+                     localization=read_json(run_dir / "localization.json")
+                     if (run_dir / "localization.json").is_file() else None)
 
 
 def read_json(path: Path) -> dict:
@@ -136,6 +139,7 @@ def run_context(folder: RunFolder, show_text: bool) -> dict:
         "plots": run_plots(folder, sequences),
         "attacks": attack_section(after.get("attacks"), sequences),
         "oracle": oracle_section(before.get("oracle"), after.get("oracle")),
+        "localization": localization_summary(folder.localization),
         "sequences": sequences,
         "el_key": el_key(before),
         "show_text": show_text and text_held,
@@ -396,6 +400,13 @@ def run_plots(folder: RunFolder, sequences: list[dict]) -> list[dict]:
             "ROC curves of the membership scores, forget versus holdout, before and after unlearning",
             "How well each score tells the forget set from unseen holdout text. The diagonal is chance: after a "
             "good unlearning every curve lies near it."))
+    if folder.localization and folder.localization.get("mean_effect"):
+        figures.append(figure(
+            "plot-localization", "localization", plots.layer_effects(folder.localization),
+            "Causal tracing: per layer, the forget continuations' probability restored by that layer's MLP",
+            "For each layer, how much of the forget continuations' mean token probability its MLP output, copied "
+            "from the clean run, brings back when the prefixes' embeddings are noised (bars: mean over the "
+            "request; dots: each sequence). Filled bars: the layers whose MLPs were unlearned."))
     oracle = after.get("oracle")
     if oracle and oracle.get("sequences"):
         figures.append(figure(
@@ -404,6 +415,16 @@ def run_plots(folder: RunFolder, sequences: list[dict]) -> list[dict]:
             "Each forget sequence: MA under the unlearned model (up) against the oracle that never saw it "
             "(across). On the diagonal the unlearned model treats it like the oracle does."))
     return figures
+
+
+def localization_summary(localization: dict | None) -> dict | None:
+    """What the page says of --localize: the spec, the layers trained, the clean and corrupted probabilities."""
+    if not localization:
+        return None
+    return {"spec": localization.get("localize", "–"),
+            "layers": ", ".join(str(layer) for layer in localization.get("trained_layers", [])) or "–",
+            "clean": fmt(localization.get("clean"), 3), "corrupted": fmt(localization.get("corrupted"), 3),
+            "noise_std": fmt(localization.get("noise_std"), 3), "samples": fmt(localization.get("samples"))}
 
 
 def figure(plot_id: str, section: str, uri: str, alt: str, caption: str) -> dict:

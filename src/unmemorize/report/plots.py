@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 STATUS_COLOR = {"extractable": "#c62828", "in_band": "#2e7d32", "over_unlearned": "#ef6c00", None: "#757575"}
 SET_COLOR = {"forget": "#c62828", "retain": "#1565c0", "holdout": "#2e7d32", "earlier": "#6a1b9a"}
@@ -191,6 +192,34 @@ def oracle_scatter(rows: list[dict]) -> str:
         ax.set_aspect("equal")
         ax.set_xlabel("MA under the oracle")
         ax.set_ylabel("MA after unlearning")
+        return to_data_uri(fig)
+
+
+def layer_effects(localization: dict) -> str:
+    """Causal tracing (localization.json): one bar per layer, its mean effect over the request, filled for the
+    layers unlearned; a dot per sequence and layer; dashed, the probability the noise took away (clean minus
+    corrupted), which restoring everything would bring back."""
+    mean = np.asarray(localization["mean_effect"], dtype=float)
+    trained = set(localization.get("trained_layers", []))
+    layers = np.arange(len(mean))
+    with figure(min(10.0, 3.0 + 0.22 * len(mean)), 3.2) as (fig, (ax,)):
+        colors = [STATUS_COLOR["extractable"] if layer in trained else "white" for layer in layers]
+        ax.bar(layers, mean, color=colors, edgecolor=STATUS_COLOR["extractable"], lw=1, width=0.75, zorder=2)
+        for row in localization.get("sequences", []):
+            ax.plot(layers, row["effect"], ".", color=BEFORE_COLOR, ms=3, alpha=0.6, zorder=3)
+        ax.axhline(0, color="#424242", lw=0.6)
+        clean, corrupted = localization.get("clean"), localization.get("corrupted")
+        if clean is not None and corrupted is not None:
+            ax.axhline(clean - corrupted, color="#424242", ls="--", lw=0.8)
+            ax.plot([], [], color="#424242", ls="--", lw=0.8, label="clean − corrupted")
+        ax.add_patch(Rectangle((0, 0), 0, 0, color=STATUS_COLOR["extractable"], label="unlearned (top ranked)"))
+        ax.add_patch(Rectangle((0, 0), 0, 0, facecolor="white", edgecolor=STATUS_COLOR["extractable"],
+                               label="other layers"))
+        ax.plot([], [], ".", color=BEFORE_COLOR, label="one sequence")
+        ax.set_xticks(layers, [str(layer) for layer in layers], fontsize=7 if len(mean) > 20 else 8)
+        ax.set_xlabel("layer (its MLP output restored)")
+        ax.set_ylabel("probability restored")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return to_data_uri(fig)
 
 

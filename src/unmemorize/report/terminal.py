@@ -72,6 +72,20 @@ def _edge(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def print_guard(extra: dict, console: Console) -> None:
+    """The guard a model was measured through (`decoding`: what it does, and that it protects a deployment, not
+    the weights) and the general-text perplexity through it (`utility`), when `extra` has them."""
+    utility = extra.get("utility") or {}
+    if utility.get("general_ppl") is not None:
+        console.print(f"General-text perplexity: {utility['general_ppl']:.2f} "
+                      f"({utility.get('general_sequences', '?')} sequences)")
+    guard = extra.get("decoding")
+    if not guard:
+        return
+    console.print(f"Measured through --decoding {guard['decoding']} (weights changed: no): {guard['explanation']}.")
+    console.print(f"[yellow]{guard['note']}[/]")
+
+
 def print_oracle(result: AuditResult, console: Console) -> None:
     """Forget quality and privleak against the oracle, when the audit has them."""
     oracle = result.extra.get("oracle")
@@ -120,3 +134,40 @@ def compare_table(rows: list[dict], title: str = "Methods compared (best first)"
 
 def _count(value: int | None) -> str:
     return "-" if value is None else str(value)
+
+
+def plan_table(plan: dict) -> Table:
+    """`unmemorize plan --json`'s layouts side by side: GiB per device for each term, the largest passing moment,
+    the peak and whether it fits the device."""
+    names = {"single": "1 device", "ddp": "DDP", "fsdp": "FSDP"}
+    layouts = plan["layouts"]
+    table = Table(title="GiB per device", title_justify="left")
+    table.add_column("")
+    for name, layout in layouts.items():
+        table.add_column(names[name] + (f" x {layout['devices']}" if layout["devices"] > 1 else ""), justify="right")
+    terms = list(dict.fromkeys(key for layout in layouts.values() for key in layout["terms"]))
+    for term in terms:
+        table.add_row(term, *(_gib(layout["terms"].get(term)) for layout in layouts.values()))
+    for moment in dict.fromkeys(key for layout in layouts.values() for key in layout["moments"]):
+        table.add_row(f"[dim]+ {moment} (passing)[/]", *(_gib(layout["moments"].get(moment), dim=True)
+                                                         for layout in layouts.values()))
+        if moment == "step":  # its parts
+            for part in dict.fromkeys(key for layout in layouts.values() for key in layout["step"]):
+                table.add_row(f"[dim]    {part}[/]", *(_gib(layout["step"].get(part), dim=True)
+                                                       for layout in layouts.values()))
+    for phase in dict.fromkeys(key for layout in layouts.values() for key in layout["phases"]):
+        table.add_row(f"[dim]{phase} (whole model)[/]", *(_gib(layout["phases"].get(phase), dim=True)
+                                                          for layout in layouts.values()))
+    table.add_row("runtime (process, CUDA context)", *(_gib(layout["runtime"]) for layout in layouts.values()))
+    memory = plan["device_memory"]
+    table.add_row("[bold]peak[/]", *(f"[bold]{_gib(layout['peak'])}[/]" for layout in layouts.values()))
+    table.add_row(f"fits in {memory / 2**30:.1f}", *("[green]yes[/]" if layout["peak"] <= memory else "[red]no[/]"
+                                                      for layout in layouts.values()))
+    return table
+
+
+def _gib(value: int | None, dim: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = f"{value / 2**30:.2f}" if value < 10 * 2**30 else f"{value / 2**30:.1f}"
+    return f"[dim]{text}[/]" if dim else text

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import InputError
 from ..measure.audit import AuditSettings
+from .localize import parse_localize
 from .methods import METHODS, MethodSpec
 
 
@@ -45,9 +46,32 @@ class LoopSettings(BaseModel):
                            "2025): take the forget loss's gradient at the worst weights within this L2 radius of "
                            "the trained weights (0: off, the plain step); one more forward and backward of the "
                            "forget batch per step. Gradient methods only. See unlearning.loop.")
+    optimizer: Literal["adam", "sophia"] = Field("adam", description="adam: Adam, betas (0.9, 0.98); sophia: "
+                                                 "Sophia (Liu et al. 2023) as second-order unlearning uses it (SOUL, "
+                                                 "Jia et al. 2024): momentum over a diagonal Hessian estimate, "
+                                                 "clipped so that no weight moves more than lr a step. Gradient "
+                                                 "methods only. See unlearning.sophia.")
+    sophia_gamma: float = Field(0.04, gt=0, allow_inf_nan=False, description="Sophia: gamma in lr * clip(m / "
+                                "max(gamma * h, eps), 1); larger: shorter Newton steps, fewer weights clipped.")
+    sophia_hessian: Literal["gnb", "hutchinson"] = Field("gnb", description="Sophia: the diagonal Hessian "
+                                                         "estimate. gnb: Gauss-Newton-Bartlett, labels sampled from "
+                                                         "the model on the forget batch (one more forward and "
+                                                         "backward); hutchinson: u * (H u) of the forget loss, u "
+                                                         "Rademacher (a double backward).")
+    sophia_every: int = Field(1, ge=1, description="Sophia: estimate the diagonal Hessian every this many steps (k).")
+    harden: Literal["none", "Q8_0", "Q5_0", "Q4_1", "Q4_0"] = Field(
+        "none", description="Quantization-aware unlearning (an attack in the loop): at every calibration also audit "
+        "the weights round-tripped through this GGUF format; a forget sequence extractable or verbatim there keeps "
+        "getting the forget gradient, taken at those weights (straight through), until it is not. Gradient "
+        "methods; not with --lora. See unlearning.target.")
     lora: int = Field(0, ge=0, description="LoRA rank (0: train the weights themselves); merged on save.")
     mask_fraction: float = Field(0.0, ge=0, le=1, description="Train only this fraction of weights, those with the "
                                  "largest forget gradient (0: all).")
+    localize: str | None = Field(None, description="causal:K: locate, then unlearn. Causal tracing (Meng et al. "
+                                 "2022) ranks the layers by how much of the forget continuations' probability "
+                                 "restoring their MLP output brings back under noised prefixes; only the MLPs of "
+                                 "the K top layers train (with --lora, only their adapters). The per-layer effects "
+                                 "go to localization.json. Gradient methods only. See unlearning.localize.")
     max_utility_drop: float = Field(0.10, gt=0, description="Stop and restore the best step when retain MA falls "
                                     "or general perplexity rises by more than this (relative).")
     recalibrate_every: int = Field(5, ge=1, description="Re-measure the holdout band every this many steps.")
@@ -73,6 +97,18 @@ class LoopSettings(BaseModel):
         if "method" not in info.data:  # the method itself was invalid: that error is reported
             return args
         return METHODS[info.data["method"]].validate(args)
+
+    @field_validator("localize", mode="before")
+    @classmethod
+    def _localize(cls, value: Any) -> str | None:
+        return parse_localize(value)
+
+    @model_validator(mode="after")
+    def _harden_without_lora(self) -> LoopSettings:
+        if self.harden != "none" and self.lora:
+            raise InputError(f"--harden {self.harden} with --lora {self.lora}: quantization acts on the merged "
+                             "weights, which LoRA does not train; use one or the other")
+        return self
 
     @property
     def spec(self) -> MethodSpec:

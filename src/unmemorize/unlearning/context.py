@@ -4,6 +4,7 @@ and what the unlearning leaves (the outcome)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,9 @@ class Context:
     """Whether any stage has changed the weights yet (then `before` no longer describes the current model)."""
     step: StepState | None = None
     """Set by the loop before each step's loss (None outside the loop)."""
+    copy_original: Callable[[torch.nn.Module], torch.nn.Module] | None = field(default=None, repr=False)
+    """How `keep_original` copies the model: copy.deepcopy (None), or under FSDP a sharded copy
+    (`fsdp.Sharded.frozen_copy`)."""
     _original: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -104,7 +108,7 @@ class Context:
 
     def keep_original(self) -> None:
         if self._original is None:
-            self._original = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._original = (self.copy_original or copy.deepcopy)(self.model).eval().requires_grad_(False)
 
     def token_logprobs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """log p(x_t | x_<t) for t = 2..T, zero on padding; differentiable unless `model` is frozen."""

@@ -10,8 +10,10 @@ Reads top to bottom. Each step:
      over-unlearned on loss, except under `two_way`, which pulls them back; all against the bands moved in by
      `--margin`) and tell the method those bands (`ctx.step`);
   4. loss = forget loss + retain_weight * retain regularizer (+ neighbour_weight * KL to the original model
-     on a batch of `--neighbours`, unseen in-domain text, when given); backward; Adam step. With `--sam-rho`
-     the forget loss's gradient is taken at the worst weights within that radius instead (`sam_gradient`);
+     on a batch of `--neighbours`, unseen in-domain text, when given); backward; Adam step (or Sophia's, which
+     first refreshes its diagonal Hessian estimate on the forget batch every `--sophia-every` steps). With `--sam-rho`
+     the forget loss's gradient is taken at the worst weights within that radius instead (`sam_gradient`); with
+     `--harden` the sequences that come back under the quantized weights add theirs there (`harden_gradient`);
   5. log the step to trajectory.jsonl; every `guard_every` steps check utility and keep the best state;
      every `checkpoint_every` steps write a resumable checkpoint.
 All randomness of a step derives from (seed, step), so a resumed run replays an uninterrupted one exactly.
@@ -29,12 +31,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..io.quantize import weights_swapped
 from ..measure.band import Band, LossBand
 from ..measure.utility import utility, utility_drop
 from ..progress import progress
 from .checkpoint import load_checkpoint, save_checkpoint
 from .context import Batch, Context, LoopOutcome, StepState, TokenSets
+from .fsdp import Sharded, fsdp_requested, grad_norm
 from .retain import retain_loss
+from .sophia import Sophia, refresh_hessian, sophia_log
 from .target import NOTHING_LEFT, TWO_WAY, Target, selected
 
 if TYPE_CHECKING:
@@ -65,18 +70,21 @@ def gradient_unlearn(ctx: Context, objective, params: list[torch.nn.Parameter], 
 def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: LoopSettings, sets: TokenSets,
            work: Path, utility_before: dict, accelerator, grad_mask, show, selection: str) -> LoopOutcome:
     model, audit = ctx.model, settings.audit
-    optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(0.9, 0.98))  # Jang et al.
-    objective.prepare(ctx)  # on the plain model: a frozen copy of a DDP wrapper cannot be made
+    # FSDP (`unlearning.fsdp`): the model sharded in place, `params` and `grad_mask` replaced by their shards
+    sharded = Sharded.shard(ctx, params, grad_mask) if fsdp_requested(accelerator, settings) else None
+    optimizer = make_optimizer(params, settings)
+    objective.prepare(ctx)  # before DDP wraps the model (a DDP wrapper cannot be copied); FSDP shards it in place
     if settings.retain_kind == "kl" or sets.neighbours:
         ctx.keep_original()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ctx.model = model
+    if sharded is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ctx.model = model
 
-    state = load_checkpoint(work, model, optimizer)
+    state = (sharded.load_checkpoint if sharded else load_checkpoint)(work, model, optimizer)
     step = state.get("step", 0)
     target = Target(ctx, sets, settings, Band(**state["band"]) if "band" in state else None,
                     state.get("holdout_mean"), LossBand(**state["loss_band"]) if state.get("loss_band") else None,
-                    pulls_back=selection == TWO_WAY)
+                    pulls_back=selection == TWO_WAY, harden=settings.harden)
     best = state.get("best") or {"step": 0, "extractable": None, "weights": snapshot(params)}
     tokens_trained = state.get("tokens_trained", 0)
     trajectory = work / "trajectory.jsonl"
@@ -87,6 +95,8 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         if accelerator.is_main_process and restored is None:
             log_step(trajectory, step, None, ma, sets.forget_names, target.band, above,
                      holdout_mean=target.holdout_mean, loss_band=_edges(target.loss_band))
+        if sharded is not None:  # the full weights on every process again, as a plain module
+            ctx.model = sharded.gather()
         return LoopOutcome(step, reason, target.band, tokens_trained, restored)
 
     while True:
@@ -99,8 +109,10 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         if reason:
             return finish(reason)
         active = selected(selection, above, len(sets.forget), check.over)
-        if not active:
+        hardened = target.hardened  # --harden: those that come back under the quantized weights get gradient too
+        if not active and not hardened:
             return finish(NOTHING_LEFT)
+        active = sorted({*active, *hardened})
         ctx.step = StepState(*target.aims, audit.prefix_tokens)
 
         # --- one gradient step -------------------------------------------------------------------------
@@ -109,6 +121,10 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
         shard = active[accelerator.process_index :: accelerator.num_processes]
         forget_batch = Batch.of(sets.forget, shard or active[:1], ctx.pad_id, ctx.runtime.device)
         retain_batch = sample(sets.retain, settings.retain_batch, step_seed(settings, step), ctx)
+        hessian_passes = 0  # Sophia: its h from this batch, at the weights this step starts from, every k steps
+        if settings.optimizer == "sophia" and step % settings.sophia_every == 0:
+            hessian_passes = refresh_hessian(optimizer, settings.sophia_hessian, ctx, objective, forget_batch,
+                                             retain_batch, bool(shard), 2 * step_seed(settings, step) + 2, accelerator)
         forget_loss = objective.loss(ctx, forget_batch, retain_batch)
         forget_share, forget_value, forget_tokens = shard_totals(accelerator, objective, forget_batch, forget_loss,
                                                                  bool(shard))
@@ -137,17 +153,22 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
             return finish(f"loss diverged ({loss_value}) at step {step}; restored step {best['step']}", best["step"])
         if loss.requires_grad:  # not under SAM without regularizers: the forget gradient is all there is
             accelerator.backward(loss)
+        hard_value, hard_tokens = harden_gradient(ctx, objective, target, accelerator, sets, retain_batch)
+        loss_value += hard_value
         mask_gradients(grad_mask)
         optimizer.step()
         ctx.changed = True
         forget_passes = 2 if settings.sam_rho else 1  # SAM backpropagates the forget batch twice
         regularized = sum(int(b.mask.sum()) for b in (retain_batch, neighbour_batch) if b)
-        tokens_trained += forget_passes * forget_tokens + regularized
+        tokens_trained += (forget_passes + hessian_passes) * forget_tokens + regularized + hard_tokens
         if accelerator.is_main_process:
             log_step(trajectory, step, loss_value, ma, sets.forget_names, target.band, active,
                      forget_loss=forget_value, holdout_mean=target.holdout_mean,
                      retain_loss=None if retain_value is None else float(retain_value.detach()),
                      **({} if neighbour_value is None else {"neighbour_kl": float(neighbour_value.detach())}),
+                     **sophia_log(optimizer),
+                     **({"hardened": [sets.forget_names[i] for i in hardened], "harden_loss": hard_value}
+                        if hardened else {}),
                      loss_band=_edges(target.loss_band))
         step += 1
 
@@ -161,11 +182,18 @@ def _steps(ctx: Context, objective, params: list[torch.nn.Parameter], settings: 
             extractable = len(check.blocking)
             if best["extractable"] is None or extractable <= best["extractable"]:
                 best = {"step": step, "extractable": extractable, "weights": snapshot(params)}
-        if step % settings.checkpoint_every == 0 and accelerator.is_main_process:
-            save_checkpoint(work, model, optimizer, {"step": step, "band": target.band.__dict__,
-                                                     "loss_band": target.loss_band.__dict__,
-                                                     "holdout_mean": target.holdout_mean, "best": best,
-                                                     "tokens_trained": tokens_trained})
+        if step % settings.checkpoint_every == 0 and (sharded or accelerator.is_main_process):  # FSDP: all write
+            (sharded.save_checkpoint if sharded else save_checkpoint)(
+                work, model, optimizer, {"step": step, "band": target.band.__dict__,
+                                         "loss_band": target.loss_band.__dict__, "holdout_mean": target.holdout_mean,
+                                         "best": best, "tokens_trained": tokens_trained})
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: LoopSettings) -> torch.optim.Optimizer:
+    """Adam with betas (0.9, 0.98) as Jang et al. 2022; or Sophia (`--optimizer sophia`, `unlearning.sophia`)."""
+    if settings.optimizer == "sophia":
+        return Sophia(params, lr=settings.learning_rate, gamma=settings.sophia_gamma)
+    return torch.optim.Adam(params, lr=settings.learning_rate, betas=(0.9, 0.98))
 
 
 def sam_gradient(accelerator, params: list[torch.nn.Parameter], grad_mask: GradMask, rho: float,
@@ -191,7 +219,7 @@ def sam_gradient(accelerator, params: list[torch.nn.Parameter], grad_mask: GradM
     accelerator.backward(loss)
     mask_gradients(grad_mask)
     moved = [p for p in params if p.grad is not None]
-    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in moved])))
+    norm = grad_norm(moved)  # under FSDP over every process's shards
     if not norm > 0:  # no direction to move in (or a non-finite gradient: the loop's loss check stops the run)
         return
     weights = snapshot(moved)
@@ -201,6 +229,29 @@ def sam_gradient(accelerator, params: list[torch.nn.Parameter], grad_mask: GradM
             param.grad = None
     accelerator.backward(loss_again())
     restore(moved, weights)
+
+
+def harden_gradient(ctx: Context, objective, target: Target, accelerator, sets: TokenSets,
+                    retain_batch: Batch | None) -> tuple[float, int]:
+    """--harden: add to .grad the forget loss's gradient at the quantized weights Q(w) of the last calibration, for
+    the forget sequences that come back there (`target.hardened`), with the quantized model's aims:
+
+        .grad += d l_F(Q(w); hardened, aims of Q(w)) / d Q(w)        applied to w (straight through)
+
+    Returns (that loss over every rank's shard, its tokens); (0, 0) when none comes back. Data parallel as the
+    forget batch: each rank a shard, scaled by `shard_totals`."""
+    hardened = target.hardened
+    if not hardened:
+        return 0.0, 0
+    shard = hardened[accelerator.process_index :: accelerator.num_processes]
+    batch = Batch.of(sets.forget, shard or hardened[:1], ctx.pad_id, ctx.runtime.device)
+    aims, ctx.step = ctx.step, StepState(*target.hard_aims, ctx.step.prefix_tokens)
+    with weights_swapped(target.quantized):
+        loss = objective.loss(ctx, batch, retain_batch)
+        share, value, tokens = shard_totals(accelerator, objective, batch, loss, bool(shard))
+        accelerator.backward(loss * share)
+    ctx.step = aims
+    return value, tokens
 
 
 def mask_gradients(grad_mask: GradMask) -> None:

@@ -39,6 +39,16 @@ The stop rules (`--stop`):
 Under every rule the loop stops at `--max-steps`, and the utility guard (`--max-utility-drop`) stops the
 loop (restoring the best step) or caps lambda.
 
+Hardening (`--harden FORMAT`, gradient loop only): quantization as an attack in the loop. At every calibration
+the weights are also round-tripped through the GGUF format (`io.quantize`), the holdout and the forget set scored
+there, and the bands of that quantized model computed; a forget sequence above its aimed band or verbatim there
+is `hardened`: it joins the sequences that get gradient, and the loop adds the method's forget loss taken at the
+quantized weights Q(w) (with the quantized model's aims), its gradient applied to w (straight through:
+d l(Q(w)) / dw := d l / dQ(w)), until the next calibration finds it no longer comes back. Q(w) is that of the last
+calibration (rounding again every step would cost a round trip, 3 s on the demo's 135M weights, per step). The band
+rule waits for `hardened` to empty too. This is the attack `quantize_4bit` (Q4_0) run before the attacker does: an
+unlearning that stops a sequence just under the band leaves it where rounding the weights brings it back.
+
 Two-way selection (`two_way`, method `hinge`): the blocking sequences, to push into the band, and those
 over-unlearned on loss, to pull back into it (the method reads which is which from the bands in `ctx.step`).
 A Target made with `pulls_back=True` does not stop on OVER_LEFT under `indistinguishable`: the method can
@@ -57,6 +67,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..io.quantize import round_trip_weights, weights_swapped
 from ..measure.band import (
     EXTRACTABLE,
     INDISTINGUISHABLE,
@@ -141,7 +152,7 @@ class Target:
 
     def __init__(self, ctx: Context, sets: TokenSets, settings: LoopSettings, band: Band | None = None,
                  holdout_mean: float | None = None, loss_band: LossBand | None = None, *,
-                 pulls_back: bool = False) -> None:
+                 pulls_back: bool = False, harden: str = "none") -> None:
         self.ctx, self.sets, self.settings = ctx, sets, settings
         # A selection that pulls over-unlearned sequences back (`two_way`): the band rule does not stop while
         # some are left and the target counts them (OVER_LEFT is for methods that cannot bring them back).
@@ -151,6 +162,11 @@ class Target:
         self.band, self.holdout_mean, self.loss_band = band, holdout_mean, loss_band
         # The audit's scores stand in for the first measurement while the weights are those it measured.
         self._unused = {} if ctx.changed or band is not None else dict(ctx.before)
+        # --harden: the quantized weights of the last calibration, their aimed bands, the sequences that come back
+        self.harden = harden
+        self.quantized: list = []
+        self.hard_aims: tuple[Band, LossBand] | None = None
+        self.hardened: list[int] = []
 
     def calibrate(self) -> Band:
         """Both bands (MA and loss) on the holdout under the current model, from one scoring pass."""
@@ -159,7 +175,22 @@ class Target:
             self.band, self.holdout_mean, self.loss_band = bands_of(holdout, self.settings.audit.band)
         else:
             self.band, self.holdout_mean, self.loss_band = calibrate_band(self.ctx, self.sets, self.settings)
+        if self.harden != "none":
+            self.check_quantized()
         return self.band
+
+    def check_quantized(self) -> None:
+        """--harden: round-trip the current weights through the format, calibrate the bands of that model on the
+        holdout and list the forget sequences above its aimed band or verbatim there (`hardened`)."""
+        ctx, settings = self.ctx, self.settings
+        self.quantized = round_trip_weights(ctx.model, self.harden)
+        with weights_swapped(self.quantized):
+            holdout, forget = (lean_scores(ctx.model, tokens, ctx.runtime, settings.audit.batch_size, ctx.pad_id)
+                               for tokens in (self.sets.holdout, self.sets.forget))
+        band, _, loss_band = bands_of(holdout, settings.audit.band)
+        margin = settings.aim_margin
+        self.hard_aims = (band.inset(margin), loss_band.inset(margin))
+        self.hardened = blocking(forget, self.hard_aims[0], settings.audit.prefix_tokens)
 
     def score(self) -> list:
         """MA and verbatim of every forget sequence under the current model (one batched pass, no gradient)."""
@@ -208,9 +239,10 @@ class Target:
         return check
 
     def _done(self, check: Check) -> bool:
-        """Whether the band rule stops: nothing left to push down, and under a selection that pulls back, no
-        over-unlearned sequence that blocks the target either."""
-        return not check.above and not (self.pulls_back and check.over_blocks and check.over)
+        """Whether the band rule stops: nothing left to push down, under a selection that pulls back no
+        over-unlearned sequence that blocks the target either, and under --harden none that comes back quantized."""
+        return (not check.above and not (self.pulls_back and check.over_blocks and check.over)
+                and not self.hardened)
 
     def reached(self, scores) -> bool:
         """Whether the stop rule is met on a freshly calibrated band (the task vector's search)."""

@@ -1,23 +1,33 @@
-"""Which weights a gradient method trains: LoRA adapters, the method's own subset, or all; optionally only
-the fraction with the largest forget gradient (localization); and folding adapters back in afterwards."""
+"""Which weights a gradient method trains: LoRA adapters, the method's own subset, or all; optionally only the
+MLPs of the layers causal tracing ranks first (`--localize causal:K`, `localize.py`) and only the fraction with the
+largest forget gradient (`--mask-fraction`); and folding adapters back in afterwards."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .context import Batch, Context, TokenSets
+from .localize import check_trainable, localized_layers, restrict_to_mlps
 
 if TYPE_CHECKING:
     from .config import LoopSettings
 
 
-def trainable(ctx: Context, objective, settings: LoopSettings, tokens: TokenSets):
+def trainable(ctx: Context, objective, settings: LoopSettings, tokens: TokenSets, work: Path | None = None,
+              main: bool = True):
     """(model, the parameters to train, gradient masks): LoRA adapters, the method's own subset
-    (`objective.trainable`), or all, optionally restricted to the fraction of weights with the largest forget
-    gradient (`--mask-fraction`)."""
+    (`objective.trainable`), or all, optionally restricted to the MLPs of the layers causal tracing ranks first
+    (`--localize`; the tracing is written to `work` by the `main` process) and to the fraction of weights with the
+    largest forget gradient (`--mask-fraction`)."""
     model = ctx.model
+    layers = None
+    if settings.localize:  # traced on the model as it is, before any adapter
+        audit = settings.audit
+        layers = localized_layers(ctx, settings.localize, tokens, audit.prefix_tokens, settings.seed,
+                                  audit.batch_size, work, main)
     if settings.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -29,7 +39,11 @@ def trainable(ctx: Context, objective, settings: LoopSettings, tokens: TokenSets
         keep = {id(p) for p in chosen}
         for param in model.parameters():
             param.requires_grad_(id(param) in keep)
+    if layers is not None:
+        restrict_to_mlps(model, layers)
     params = [p for p in model.parameters() if p.requires_grad]
+    if layers is not None:
+        check_trainable(params, settings.localize, layers)
     grad_mask = forget_gradient_mask(ctx, objective, params, tokens, settings) if settings.mask_fraction else None
     return model, params, grad_mask
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...io.quantize import weight_matrices
 from ...measure.band import Familywise
 from .common import AttackContext, audit_rows, counts, familywise_control, holdout_summary, sequence_row
-from .quantize import tampered_result, weight_matrices
+from .quantize import tampered_result
 
 
 @torch.no_grad()

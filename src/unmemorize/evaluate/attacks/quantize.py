@@ -40,54 +40,17 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize, quantize
+from gguf import GGML_QUANT_SIZES
 from torch import nn
 from torch.nn import functional as F
 
+from ...io.quantize import GGUF_FORMATS, GGUF_RULES, gguf_round_trip, weight_matrices
 from .common import AttackContext, audit_rows, counts, holdout_summary
 
-GGUF_FORMATS: dict[str, GGMLQuantizationType] = {
-    "Q8_0": GGMLQuantizationType.Q8_0,
-    "Q5_0": GGMLQuantizationType.Q5_0,
-    "Q4_1": GGMLQuantizationType.Q4_1,
-    "Q4_0": GGMLQuantizationType.Q4_0,
-}
-GGUF_RULES = {
-    "Q8_0": "d = max|w| / 127, w' = d round(w / d)",
-    "Q5_0": "d = w_m / -16 (w_m the signed weight of largest magnitude), q = clamp(round(w / d) + 16, 0, 31), "
-            "w' = d (q - 16)",
-    "Q4_1": "d = (max w - min w) / 15, q = clamp(round((w - min w) / d), 0, 15), w' = d q + min w",
-    "Q4_0": "d = w_m / -8 (w_m the signed weight of largest magnitude), q = clamp(round(w / d) + 8, 0, 15), "
-            "w' = d (q - 8)",
-}
 NF4_BLOCK = 64
 
 RoundTrip = Callable[[torch.Tensor], torch.Tensor | None]
-
-
-def weight_matrices(model: nn.Module, embeddings: bool = True) -> list[tuple[str, nn.Parameter]]:
-    """(name, weight) of every nn.Linear (and nn.Embedding) module; a tensor shared by two modules once."""
-    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
-    seen: set[int] = set()
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, kinds) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            found.append((f"{name}.weight", module.weight))
-    return found
-
-
-def gguf_round_trip(weight: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor | None:
-    """w' of a 2-D weight stored in the GGUF type `qtype`, blocks along dim 1; None when rows don't fit blocks."""
-    block, _ = GGML_QUANT_SIZES[qtype]
-    if weight.shape[-1] % block:
-        return None
-    array = weight.detach().float().cpu().numpy()
-    restored = dequantize(quantize(array, qtype), qtype)
-    return torch.from_numpy(np.ascontiguousarray(restored, dtype=np.float32)).to(weight.device)
 
 
 def absmax_round_trip(weight: torch.Tensor, bits: int,

@@ -74,7 +74,8 @@ class GradientMethod(Method):
         from ..weights import merge, trainable
 
         ctx, settings = session.ctx, session.settings
-        ctx.model, params, grad_mask = trainable(ctx, self, settings, session.sets)
+        ctx.model, params, grad_mask = trainable(ctx, self, settings, session.sets, session.work,
+                                                 session.accelerator.is_main_process)
         session.outcome = gradient_unlearn(ctx, self, params, settings, session.sets, session.work,
                                            session.utility_before, session.accelerator, grad_mask,
                                            selection=session.spec.selection)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ...measure.tracing import decoder_layers
 from ..context import TOKENS, Batch, Context
 from .base import GradientMethod, MethodConfig, MethodSpec
 
@@ -26,14 +27,6 @@ class RMUConfig(MethodConfig):
     trainable_layers: int = Field(3, ge=1, description="How many layers (ending at `layer`) have their MLP "
                                   "weights trained.")
     seed: int = Field(0, description="Seed of the random direction u.")
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    base = getattr(model, "base_model", model)
-    inner = getattr(base, "model", base)
-    inner = getattr(inner, "model", inner) if not hasattr(inner, "layers") else inner
-    return inner.layers
 
 
 class RMU(GradientMethod):
