@@ -212,22 +212,10 @@ class DecodingGuard(nn.Module, ABC):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         return self._guarded(self.model, input_ids, attention_mask, **kwargs)
 
-    def _guarded(self, forward, input_ids=None, attention_mask=None, **kwargs):
-        if kwargs.get("labels") is not None:
-            raise ValueError("a decoding guard serves inference only: a loss from `labels` would be unguarded")
-        past = kwargs.get("past_key_values")
-        # Read before the forward: the model appends this call's keys and values to the cache in place.
-        cached = 0 if past is None else past.get_seq_length()
-        out = forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        out.logits = self.rewrite(input_ids, attention_mask, cached, out.logits)
-        return out
-
     @abstractmethod
-    def rewrite(self, input_ids, attention_mask, cached: int, logits: torch.Tensor) -> torch.Tensor:
-        """log p' (float32) for the positions `logits` covers (the last ones of `input_ids`).
-
-        `cached` is the KV cache length before this call: 0 starts a new decoding, more continues one.
-        """
+    def _guarded(self, forward, input_ids=None, attention_mask=None, **kwargs):
+        """`forward` (the wrapped model, or its forward inside `generate`) called through the guard: its output
+        with `logits` = log p'."""
 
     def generate(self, *args, **kwargs):
         """The wrapped model's `generate` with this guard inside its forward.
@@ -250,6 +238,27 @@ class DecodingGuard(nn.Module, ABC):
                 inner.forward = own
 
 
+class LogitGuard(DecodingGuard):
+    """A guard that rewrites the logits the wrapped model returns, position by position (`rewrite`)."""
+
+    def _guarded(self, forward, input_ids=None, attention_mask=None, **kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError("a decoding guard serves inference only: a loss from `labels` would be unguarded")
+        past = kwargs.get("past_key_values")
+        # Read before the forward: the model appends this call's keys and values to the cache in place.
+        cached = 0 if past is None else past.get_seq_length()
+        out = forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out.logits = self.rewrite(input_ids, attention_mask, cached, out.logits)
+        return out
+
+    @abstractmethod
+    def rewrite(self, input_ids, attention_mask, cached: int, logits: torch.Tensor) -> torch.Tensor:
+        """log p' (float32) for the positions `logits` covers (the last ones of `input_ids`).
+
+        `cached` is the KV cache length before this call: 0 starts a new decoding, more continues one.
+        """
+
+
 class Continuation:
     """Per-row state of the decoding a guard is serving, kept across KV-cache calls.
 
@@ -270,7 +279,7 @@ class Continuation:
                                f"guard's decoding ({self.width}, {len(self.rows)} rows)")
 
 
-class PrivateDecoding(DecodingGuard):
+class PrivateDecoding(LogitGuard):
     """DPD: p' = (1 - lam) p + lam / V."""
 
     def __init__(self, model: nn.Module, lam: float):
@@ -289,7 +298,7 @@ class PrivateDecoding(DecodingGuard):
         return torch.logaddexp(logprobs + math.log1p(-self.lam), logprobs.new_tensor(uniform))
 
 
-class NgramFilter(DecodingGuard):
+class NgramFilter(LogitGuard):
     """Blocks every token that would complete an n-gram of a forget sequence.
 
     The context of a position is the real tokens (attention mask 1) up to and including it. Under a KV

@@ -159,9 +159,6 @@ class PromptGuard(DecodingGuard):
         self._cache_key: tuple | None = None
         self._decoding = Continuation()
 
-    def rewrite(self, input_ids, attention_mask, cached: int, logits: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(logits.float(), dim=-1)
-
     def _guarded(self, forward, input_ids=None, attention_mask=None, **kwargs):
         _refuse_extra_arguments(input_ids, kwargs)
         past = kwargs.pop("past_key_values", None)
@@ -185,7 +182,7 @@ class PromptGuard(DecodingGuard):
         out = forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
                       use_cache=True, **kwargs)
         self._decoding.width = m + attention_mask.shape[1]
-        out.logits = self.rewrite(input_ids, attention_mask, cached, out.logits)
+        out.logits = torch.log_softmax(out.logits.float(), dim=-1)
         return out
 
     def _start(self, forward, past, rows: int, device: torch.device):
@@ -232,9 +229,6 @@ class InputFilter(DecodingGuard):
         self._embeddings: torch.Tensor | None = None  # (forget, hidden), unit rows, for `_embeddings_key`
         self._embeddings_key: tuple | None = None
         self._decoding = Continuation()
-
-    def rewrite(self, input_ids, attention_mask, cached: int, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("the input filter rewrites in _guarded: it also reads hidden states")
 
     def score(self, tokens: list[int], hidden_mean: torch.Tensor | None = None) -> float:
         """s(q): the largest similarity of the input prefix `tokens` (its mean last hidden state for embed) to a
