@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/unmemorize demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --maxprocesses 8 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,13 @@ import json
 import os
 from pathlib import Path
 
+# Under pytest-xdist (`make test` runs `-n auto`) the workers share the cores: each worker, and every process it
+# starts, gets its share of them as torch threads instead of all of them (oversubscribed threads run slower).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
 import pytest
 from tiny import build_tiny_model
 

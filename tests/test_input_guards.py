@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from clirun import run_cli
+from clirun import assert_refused, run_cli
 from conftest import read_json
 
 from unmemorize.errors import InputError
@@ -287,11 +287,10 @@ def test_audit_command_through_icul_with_general_perplexity(tiny, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--decoding", "input_filter:2"], "TAU must be in (0, 1]"),
     (["--decoding", "icul:1"], "needs --retain"),
+    (["--decoding", "dpd:2"], "--decoding"),
 ])
-def test_bad_input_guards_exit_2_with_one_line(tiny, tmp_path, args, message):
+def test_bad_decoding_specs_exit_2_with_one_line(tiny, tmp_path, args, message):
     out = tmp_path / "out"
     result = run_cli("audit", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
                      tiny["files"]["holdout"], *args, "--out", out)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists()
+    assert_refused(result, message, out)

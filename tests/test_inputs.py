@@ -54,6 +54,18 @@ def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.strip()]
 
 
+def test_save_checkpoint_replaces_a_folder_only_when_asked(tmp_path):
+    """A cache entry another process finished first stays as it is (replace=False); otherwise it is replaced."""
+    dest = tmp_path / "model"
+    save_checkpoint(short_context_gpt2(seed=0), make_tokenizer(), dest)
+    first = (dest / "model.safetensors").read_bytes()
+    save_checkpoint(short_context_gpt2(seed=1), make_tokenizer(), dest, replace=False)
+    assert (dest / "model.safetensors").read_bytes() == first
+    save_checkpoint(short_context_gpt2(seed=1), make_tokenizer(), dest)
+    assert (dest / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left behind
+
+
 # --- context length -------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from unmemorize.io.sets import Sequence, write_jsonl
 from unmemorize.measure.utility import utility_drop
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
-from unmemorize.unlearning.methods import METHODS
+from unmemorize.unlearning.methods import FAMILIES, METHODS
 from unmemorize.unlearning.methods.ascent import Ascent
 from unmemorize.unlearning.methods.task_vector import TaskVector, line_search
 
@@ -232,11 +232,22 @@ def test_unlearn_refuses_an_existing_out_and_a_missing_holdout(tiny, tmp_path):
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
 
 
-def test_methods_lists_every_method():
-    result = run_cli("methods")
+def test_methods_lists_every_method_and_every_family_of_the_survey():
+    result = run_cli("methods", env={"COLUMNS": "250"})
     assert result.returncode == 0
     for name in METHODS:
         assert name in result.stdout
+    # every method in exactly one family; a family without a method of its own names the options that make it
+    named = [name for names, _ in FAMILIES.values() for name in names]
+    assert sorted(named) == sorted(METHODS)
+    for family, (names, options) in FAMILIES.items():
+        assert family in result.stdout and bool(names) != bool(options)
+    unlearn_help = " ".join(run_cli("unlearn", "--help", env={"COLUMNS": "250"}).stdout.split())
+    audit_help = " ".join(run_cli("audit", "--help", env={"COLUMNS": "250"}).stdout.split())
+    for flag in ("--optimizer", "--localize", "--mask-fraction"):
+        assert flag in unlearn_help
+    for spec in ("icul", "guardrail", "input_filter", "dpd", "filter"):
+        assert spec in audit_help
 
 
 def test_same_seed_same_result(tiny, general, tmp_path):

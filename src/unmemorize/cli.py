@@ -711,7 +711,7 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
 
     from rich.table import Table
 
-    from .unlearning.methods import METHODS
+    from .unlearning.methods import FAMILIES, METHODS
 
     described = {name: spec.describe() for name, spec in METHODS.items()}
     if as_json:
@@ -736,9 +736,15 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
     for (key, default, text), names in helps.items():
         options_table.add_row(key, ", ".join(names), default, text)
     console.print(options_table)
+    families = Table(title="The survey's families (Liu et al. 2024) in unmemorize", title_justify="left")
+    for column in ("family", "methods or options"):
+        families.add_column(column)
+    for family, (names, options) in FAMILIES.items():
+        families.add_row(family, ", ".join(names) or options)
+    console.print(families)
     console.print("Any gradient method also takes --retain-loss none|nll|kl, --retain-weight, --lora R, "
-                  "--mask-fraction F, --localize causal:K, --stop band|mean|steps, --target indistinguishable|ma, "
-                  "--max-steps.")
+                  "--mask-fraction F, --localize causal:K, --optimizer adam|sophia, --sam-rho, --harden, --margin, "
+                  "--stop band|mean|steps, --target indistinguishable|ma, --max-steps.")
 
 
 @app.command()

@@ -181,10 +181,11 @@ def _drop_gguf_quantizer(model) -> None:
     model.is_quantized = False
 
 
-def save_checkpoint(model, tokenizer, dest: Path) -> None:
+def save_checkpoint(model, tokenizer, dest: Path, *, replace: bool = True) -> None:
     """Write a safetensors checkpoint with its tokenizer to `dest` atomically (temporary folder, rename).
 
-    An existing `dest` is replaced only once the new one is complete.
+    An existing `dest` is replaced only once the new one is complete; with `replace=False` it is kept (a cache
+    entry that another process finished first: never moved away under a reader).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +194,9 @@ def save_checkpoint(model, tokenizer, dest: Path) -> None:
         with no_progress_bars():
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if dest.exists():
+        if dest.exists() and not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif dest.exists():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             dest.rename(old)

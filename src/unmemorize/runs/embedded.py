@@ -90,7 +90,7 @@ def base_checkpoint(runtime: Runtime | None = None) -> Path:
     # float32 weights: the dequantized values are stored exactly, whatever the runtime computes in.
     cpu = make_runtime("cpu", "float32")
     model, tokenizer = load_model(gguf_path(), cpu)
-    save_checkpoint(model, tokenizer, dest)
+    save_checkpoint(model, tokenizer, dest, replace=False)  # another process may have built it meanwhile
     return dest
 
 

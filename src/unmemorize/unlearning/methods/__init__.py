@@ -30,4 +30,22 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in [
     *hinge.SPECS,
 ]}
 
-__all__ = ["ALL", "BAND", "METHODS", "TWO_WAY", "GradientMethod", "Method", "MethodConfig", "MethodSpec"]
+# The families of unlearning in the survey this project builds on (Liu et al. 2024, "Rethinking Machine
+# Unlearning for LLMs"), and where each is in unmemorize: methods by name, or the options that make one
+# (`--optimizer`, `--localize`, `--decoding` act with any method, or with none). `docs/methods.md` measures each.
+FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
+    "gradient ascent on the forget loss": (("ga", "gd", "ga_kl", "sga", "wga", "wga_gd", "satimp", "satimp_gd",
+                                            "ce_u", "hinge"), ""),
+    "preference optimization": (("npo", "npo_gd", "npo_kl", "simnpo", "simnpo_gd", "ssimnpo", "idk"), ""),
+    "distillation": (("undial",), ""),
+    "representation steering": (("rmu",), ""),
+    "task arithmetic (weight space)": (("ta", "tau", "sgatau"), ""),
+    "second-order optimization (SOUL)": ((), "--optimizer sophia, with any gradient method"),
+    "localization, then unlearning": ((), "--localize causal:K (causal tracing) or --mask-fraction F (gradient "
+                                           "saliency), with any gradient method"),
+    "input-based, weights unchanged": ((), "audit/attack --decoding icul:K | guardrail | input_filter: protects a "
+                                            "deployment, not the weights"),
+    "decoding-time guards, weights unchanged": ((), "audit/attack --decoding dpd | filter:N"),
+}
+
+__all__ = ["ALL", "BAND", "FAMILIES", "METHODS", "TWO_WAY", "GradientMethod", "Method", "MethodConfig", "MethodSpec"]
