@@ -12,11 +12,12 @@ import torch
 from accelerate import Accelerator
 from clirun import run_cli
 from conftest import read_json
+from killed import assert_resumes_bit_for_bit
 from pydantic import ValidationError
 from test_distributed import TORCHRUN, one_and_two_processes
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from unmemorize.io.models import folder_sha256, load_model, make_runtime
+from unmemorize.io.models import load_model, make_runtime
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
 from unmemorize.unlearning import loop
@@ -202,29 +203,16 @@ def test_a_sam_run_reaches_its_target_through_the_cli(tiny, tmp_path):
     assert len(lines) == run["steps"] + 1 and run["steps"] > 0
 
 
+def _at_step(checkpoint, step: int) -> None:
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == step
+
+
 def test_a_sam_run_resumes_to_the_same_result(tiny, general, tmp_path, monkeypatch):
     settings = UnlearnSettings(method="gd", lr=3e-4, sam_rho=RHO, stop="steps", max_steps=4, checkpoint_every=2,
                                max_utility_drop=10.0, target="ma", audit=FAST_AUDIT)
     sets = {k: v for k, v in tiny["sets"].items() if k in ("forget", "holdout", "retain")}
-    unlearn(str(tiny["model"]), sets, general, settings, RUNTIME, tmp_path / "whole")
-
-    class Killed(Exception):
-        pass
-
-    save = loop.save_checkpoint
-
-    def save_then_die(work, model, optimizer, state):
-        save(work, model, optimizer, state)
-        raise Killed
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        unlearn(str(tiny["model"]), sets, general, settings, RUNTIME, tmp_path / "cut")
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    assert json.loads((tmp_path / "cut.partial" / "checkpoint" / "state.json").read_text())["step"] == 2
-    unlearn(str(tiny["model"]), sets, general, settings, RUNTIME, tmp_path / "cut", resume=True)
-    assert folder_sha256(tmp_path / "cut" / "model") == folder_sha256(tmp_path / "whole" / "model")
-    assert (tmp_path / "cut" / "trajectory.jsonl").read_text() == (tmp_path / "whole" / "trajectory.jsonl").read_text()
+    assert_resumes_bit_for_bit(tiny["model"], sets, general, settings, RUNTIME, tmp_path, monkeypatch,
+                               between=lambda checkpoint: _at_step(checkpoint, 2))
 
 
 def test_sam_moves_only_the_masked_weights(tiny, general, tmp_path):

@@ -13,16 +13,16 @@ import torch
 from accelerate import Accelerator
 from clirun import run_cli
 from conftest import read_json
+from killed import assert_resumes_bit_for_bit
 from test_distributed import TORCHRUN, one_and_two_processes
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from unmemorize.cli import unlearn_settings
 from unmemorize.errors import InputError
-from unmemorize.io.models import folder_sha256, load_model, make_runtime
+from unmemorize.io.models import load_model, make_runtime
 from unmemorize.io.sets import Sequence
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
-from unmemorize.unlearning import loop
 from unmemorize.unlearning.context import SEQUENCES, Batch, Context
 from unmemorize.unlearning.methods.ascent import Ascent
 from unmemorize.unlearning.sophia import Sophia, hutchinson_estimate
@@ -244,26 +244,13 @@ def test_a_sophia_run_resumes_to_the_same_result(tiny, general, tmp_path, monkey
                                stop="steps", max_steps=4, checkpoint_every=2, max_utility_drop=10.0, target="ma",
                                audit=FAST_AUDIT)
     sets = tiny_sets(tiny)
-    unlearn(str(tiny["model"]), sets, general, settings, RUNTIME, tmp_path / "whole")
 
-    class Killed(Exception):
-        pass
+    def saved_at_step_2(checkpoint):
+        saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        assert all(set(s) == {"step", "exp_avg", "hessian"} and float(s["step"]) == 2 for s in saved["state"].values())
 
-    save = loop.save_checkpoint
-
-    def save_then_die(work, model, optimizer, state):
-        save(work, model, optimizer, state)
-        raise Killed
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        unlearn(str(tiny["model"]), sets, general, settings, RUNTIME, tmp_path / "cut")
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    saved = torch.load(tmp_path / "cut.partial" / "checkpoint" / "optimizer.pt", weights_only=True)
-    assert all(set(s) == {"step", "exp_avg", "hessian"} and float(s["step"]) == 2 for s in saved["state"].values())
-    unlearn(str(tiny["model"]), sets, general, settings, RUNTIME, tmp_path / "cut", resume=True)
-    assert folder_sha256(tmp_path / "cut" / "model") == folder_sha256(tmp_path / "whole" / "model")
-    assert (tmp_path / "cut" / "trajectory.jsonl").read_text() == (tmp_path / "whole" / "trajectory.jsonl").read_text()
+    assert_resumes_bit_for_bit(tiny["model"], sets, general, settings, RUNTIME, tmp_path, monkeypatch,
+                               between=saved_at_step_2)
 
 
 @pytest.mark.parametrize("options", [{"mask_fraction": 0.05}, {"lora": 4}])
