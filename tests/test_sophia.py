@@ -175,7 +175,8 @@ def test_one_step_of_the_loop_against_a_hand_computation(tiny, general, tmp_path
     clipped = newton = 0
     for param, w, g, h in zip(after.parameters(), recorded["weights"], recorded["grads"], hhat, strict=True):
         ratio = (1 - BETA1) * g / torch.clamp(gamma * (1 - BETA2) * h, min=1e-12)
-        torch.testing.assert_close(param, w - lr * clip(ratio), rtol=0, atol=1e-7)
+        # to 2 float32 ulps of w (kernels round w - step differently), against steps of up to lr = 1e-3
+        torch.testing.assert_close(param, w - lr * clip(ratio), rtol=2.4e-7, atol=1e-7)
         clipped += int((ratio.abs() >= 1).sum())
         newton += int(((ratio.abs() < 1) & (g != 0)).sum())
     assert clipped > 1000 and newton > 1000  # both kinds of step: the clipping engages, and not everywhere
