@@ -14,8 +14,8 @@ from clirun import run_cli
 from conftest import read_json
 from killed import assert_resumes_bit_for_bit
 from pydantic import ValidationError
+from recorder import Recorder
 from test_distributed import TORCHRUN, one_and_two_processes
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from unmemorize.io.models import load_model, make_runtime
 from unmemorize.runs.config import UnlearnSettings
@@ -106,29 +106,6 @@ def test_sam_gradient_leaves_a_zero_gradient_alone(tiny_loaded):
     assert not calls and all(float(p.grad.abs().max()) == 0 for p in params)
 
 
-class Recorder:
-    """What the loop hands the optimizer (weights and gradients at `step`) and the batches of each forget loss."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.steps: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        self.calls: list[tuple] = []
-        original = Ascent.loss
-
-        def loss(method, ctx, forget, retain):
-            self.calls.append((forget, retain))
-            return original(method, ctx, forget, retain)
-
-        def before_step(optimizer, args, kwargs):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            self.steps.append(([p.detach().clone() for p in params], [p.grad.clone() for p in params]))
-
-        monkeypatch.setattr(Ascent, "loss", loss)
-        self.handle = register_optimizer_step_pre_hook(before_step)
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
 def one_step(tiny, general, out, monkeypatch, **options) -> Recorder:
     """One gd step (ascent on every forget sequence + NLL on a retain batch) with `options`, recorded."""
     recorder = Recorder(monkeypatch)
@@ -159,7 +136,7 @@ def test_one_sam_step_of_the_loop_against_a_hand_computation(tiny, general, tmp_
     keep = gradient(model, -mean_logprob(model, retain))  # retain_weight 1
     expected = [f + r for f, r in zip(sam, keep, strict=True)]
 
-    weights, grads = recorder.steps[0]
+    weights, grads = recorder.steps[0]["weights"], recorder.steps[0]["grads"]
     assert distance(grads, expected) < 1e-4
     plain = [f + r for f, r in zip(g, keep, strict=True)]
     retain_perturbed = [f + r for f, r in zip(sam, gradient(perturbed, -mean_logprob(perturbed, retain)), strict=True)]
@@ -179,7 +156,7 @@ def test_sam_rho_zero_is_the_plain_step(tiny, general, tmp_path, monkeypatch):
     recorder = one_step(tiny, general, tmp_path / "out", monkeypatch, sam_rho=0.0)
     assert len(recorder.calls) == 1
     forget, retain = recorder.calls[0]
-    _, grads = recorder.steps[0]
+    grads = recorder.steps[0]["grads"]
     model, _ = load_model(tiny["model"], RUNTIME)
     ctx = Context(model=model, runtime=RUNTIME, pad_id=0, forget_ids=[])
     loss = Ascent().loss(ctx, forget, retain) + 1.0 * retain_loss("nll", ctx, retain)

@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from clirun import run_cli
 from conftest import read_json
 from killed import assert_resumes_bit_for_bit
+from recorder import Recorder
 from test_distributed import TORCHRUN, one_and_two_processes
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from unmemorize.cli import unlearn_settings
 from unmemorize.errors import InputError
@@ -24,7 +24,6 @@ from unmemorize.io.sets import Sequence
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
 from unmemorize.unlearning.context import SEQUENCES, Batch, Context
-from unmemorize.unlearning.methods.ascent import Ascent
 from unmemorize.unlearning.sophia import Sophia, hutchinson_estimate
 
 RUNTIME = make_runtime("cpu", "float32")
@@ -111,44 +110,19 @@ def test_the_update_and_the_hessian_ema_against_a_hand_computation():
     assert all(torch.equal(a, b) for a, b in zip(resumed.param_list(), (w, v), strict=True))
 
 
-class Recorder:
-    """What the loop hands the optimizer at each step (weights, gradients, Sophia's h) and the forget batches."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.steps: list[dict] = []
-        self.batches: list[tuple[Batch, Batch | None]] = []
-        original = Ascent.loss
-
-        def loss(method, ctx, forget, retain):
-            self.batches.append((forget, retain))
-            return original(method, ctx, forget, retain)
-
-        def before_step(optimizer, args, kwargs):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            self.steps.append({"weights": [p.detach().clone() for p in params],
-                               "grads": [p.grad.clone() for p in params],
-                               "hessian": [optimizer.state[p]["hessian"].clone() for p in params]})
-
-        monkeypatch.setattr(Ascent, "loss", loss)
-        self.handle = register_optimizer_step_pre_hook(before_step)
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
 def test_one_step_of_the_loop_against_a_hand_computation(tiny, general, tmp_path, monkeypatch):
     """ga, one step: the GNB estimate on the forget batch at the starting weights (labels sampled by hand from the
     model's own distribution), h = (1 - beta2) hhat, m = (1 - beta1) g, and the clipped step, on the tiny model."""
     lr, gamma = 1e-3, 20.0  # gamma chosen so that the step mixes Newton and clipped coordinates
-    recorder = Recorder(monkeypatch)
+    recorder = Recorder(monkeypatch, state=("hessian",))
     settings = UnlearnSettings(method="ga", lr=lr, optimizer="sophia", sophia_gamma=gamma, stop="steps", max_steps=1,
                                max_utility_drop=10.0, target="ma", audit=FAST_AUDIT)
     try:
         unlearn(str(tiny["model"]), tiny_sets(tiny), general, settings, RUNTIME, tmp_path / "out")
     finally:
         recorder.close()
-    assert len(recorder.steps) == 1 and len(recorder.batches) == 1
-    batch, retain = recorder.batches[0]
+    assert len(recorder.steps) == 1 and len(recorder.calls) == 1
+    batch, retain = recorder.calls[0]
     model, _ = load_model(tiny["model"], RUNTIME)
     params = list(model.parameters())
 
