@@ -12,12 +12,12 @@ import pytest
 import torch
 from clirun import run_cli
 from conftest import read_json
+from recorder import Recorder
 from test_sam import (
     FAST,
     FAST_AUDIT,
     ONE_THREAD,
     RUNTIME,
-    Recorder,
     distance,
     gradient,
     mean_logprob,
@@ -85,7 +85,7 @@ def test_one_hardened_step_adds_the_forget_gradient_at_the_quantized_weights(tin
     plain = [f - r for f, r in zip(gradient(model, mean_logprob(model, rows(forget))),
                                    gradient(model, mean_logprob(model, rows(retain))), strict=True)]
     expected = [p + q for p, q in zip(plain, gradient(quantized, mean_logprob(quantized, rows(again))), strict=True)]
-    weights, grads = recorder.steps[0]
+    weights, grads = recorder.steps[0]["weights"], recorder.steps[0]["grads"]
     assert distance(grads, expected) < 1e-4
     at_w = [p + w for p, w in zip(plain, gradient(model, mean_logprob(model, rows(again))), strict=True)]
     assert distance(plain, expected) > 0.05  # the quantized term is there
