@@ -171,8 +171,9 @@ def test_methods_json_lists_every_method_and_option():
     listed = json.loads(result.stdout)
     assert list(listed) == list(METHODS)
     for name, spec in METHODS.items():
-        assert set(listed[name]) == {"summary", "options"}
+        assert set(listed[name]) == {"summary", "options", "lr", "retain_loss", "selection", "margin", "localize"}
         assert listed[name]["summary"] == spec.summary
+        assert (listed[name]["lr"], listed[name]["localize"]) == (spec.lr, spec.localize)
         assert set(listed[name]["options"]) == set(spec.config.model_fields)
         for key, option in listed[name]["options"].items():
             assert set(option) == {"default", "help"} and option["help"]
@@ -181,6 +182,7 @@ def test_methods_json_lists_every_method_and_option():
     assert set(listed["rmu"]["options"]) == {"layer", "steering_coeff", "alpha", "trainable_layers", "seed"}
     assert set(listed["idk"]["options"]) == {"refusal", "prefix_tokens"}
     assert "tolerance" in listed["sgatau"]["options"] and listed["ga"]["options"] == {}
+    assert listed["hinge"]["localize"] == "causal:6" and listed["ga"]["localize"] == "none"
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from unmemorize import cli
+from unmemorize.errors import InputError
 from unmemorize.runs import plan as planning
 from unmemorize.runs.plan import PlanSettings, Precision, keeps_reference, plan
 
@@ -41,7 +42,7 @@ def test_counts_come_from_the_config_without_weights(tiny, tmp_path):
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     shutil.copy(tiny["model"] / "config.json", config_only)
-    shape = plan(str(config_only), settings()).shape
+    shape = plan(str(config_only), settings(localize="none")).shape
     real = AutoModelForCausalLM.from_pretrained(tiny["model"])
     assert shape.params == sum(p.numel() for p in real.parameters()) == PARAMS
     assert shape.matmul_params == MATMUL
@@ -50,12 +51,31 @@ def test_counts_come_from_the_config_without_weights(tiny, tmp_path):
     assert shape.layer_params == LAYER and shape.root_params == PARAMS - LAYERS * LAYER
     assert shape.layer_class == "LlamaDecoderLayer"
     assert plan(str(config_only), settings(length=1000)).settings.length == 128  # the run truncates to the context
-    adapters = plan(str(config_only), settings(lora=4)).shape
+    adapters = plan(str(config_only), settings(lora=4, localize="none")).shape
     per_layer = 4 * ((H + H) * 2 + (H + KV) * 2 + (H + MLP) * 3)
     assert adapters.adapters == adapters.trained == LAYERS * per_layer
     assert not adapters.embeddings_train
     rmu = plan(str(config_only), settings(method="rmu")).shape  # rmu trains the MLPs up to its layer (1 of 2)
     assert rmu.trained == 2 * 3 * H * MLP
+
+
+def test_localized_runs_train_the_mlps_of_k_layers(tiny):
+    """hinge localizes by default (causal:6, capped at the tiny model's 2 layers): only the gate, up and down
+    projections train; causal:1 one layer's; under LoRA the adapters on those projections, while every adapter
+    is held."""
+    assert plan(str(tiny["model"]), settings()).shape.trained == LAYERS * 3 * H * MLP  # hinge: causal:6
+    assert not plan(str(tiny["model"]), settings()).shape.embeddings_train
+    one = plan(str(tiny["model"]), settings(localize="causal:1"))
+    assert one.shape.trained == one.shape.largest_trained * 3 == 3 * H * MLP
+    assert "--localize causal:1" in one.command
+    assert plan(str(tiny["model"]), settings(method="ga")).shape.trained == PARAMS  # ga: every layer
+    lora = plan(str(tiny["model"]), settings(lora=4, localize="causal:1")).shape
+    assert lora.trained == 4 * (H + MLP) * 3
+    assert lora.adapters == LAYERS * 4 * ((H + H) * 2 + (H + KV) * 2 + (H + MLP) * 3)
+    none = plan(str(tiny["model"]), settings(localize="none"))
+    assert none.shape.trained == PARAMS and "--localize none" in none.command
+    with pytest.raises(InputError, match="expected causal:K"):
+        settings(localize="layers:2")
 
 
 @pytest.mark.parametrize("name, params", [("llama-3.2-1b", 1_235_814_400), ("llama-3.1-8b", 8_030_261_248)])

@@ -182,7 +182,10 @@ def test_bad_localize_specs_are_refused(spec):
     with pytest.raises(InputError, match="--localize"):
         UnlearnSettings(localize=spec)
     assert UnlearnSettings(localize="causal:3").localize == "causal:3"
-    assert UnlearnSettings(localize="none").localize is None
+    assert UnlearnSettings(localize="none").localize == "none" and UnlearnSettings(localize="none").localized is None
+    # unset: the method's (hinge localizes, ga does not), recorded as what runs
+    assert UnlearnSettings().localize == "causal:6" and not UnlearnSettings().localize_given
+    assert UnlearnSettings(method="ga").localized is None
 
 
 def test_bad_localize_on_the_command_line_exits_2_with_one_line(tiny, tmp_path):

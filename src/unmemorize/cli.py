@@ -292,7 +292,8 @@ MaskFraction = Annotated[float | None, Opt("--mask-fraction", help="Train only t
 Localize = Annotated[str | None, Opt("--localize", help="causal:K: causal tracing ranks the layers by how much of "
                                    "the forget continuations their MLP output restores under noised prefixes "
                                    "(Meng et al. 2022); only the MLPs of the K top layers train. Writes "
-                                   "localization.json. \\[default: none = every layer]")]
+                                   "localization.json; none: every layer. \\[default: the method's: hinge causal:6, "
+                                   "the others none]")]
 MaxUtilityDrop = Annotated[float | None, Opt("--max-utility-drop", help="\\[default: 0.10]")]
 General = Annotated[str | None, Opt("--general", help="General text for utility \\[default: Python docs].")]
 Config = Annotated[Path | None, Opt("--config", help="YAML file whose keys are these options.")]
@@ -719,12 +720,13 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
         return
     default = default_method()
     table = Table(title=f"Methods (--method; default: {default})", title_justify="left")
-    for column in ("name", "what it does", "options (default)", "selection", "retain loss", "lr"):
+    for column in ("name", "what it does", "options (default)", "selection", "retain loss", "lr", "localize"):
         table.add_column(column)
     for name, spec in METHODS.items():
         options = "\n".join(f"{key}={option['default']!r}" for key, option in described[name]["options"].items())
         shown = f"{name} (default)" if name == default else name
-        table.add_row(shown, spec.summary, options or "-", spec.selection, spec.retain_loss, f"{spec.lr:g}")
+        table.add_row(shown, spec.summary, options or "-", spec.selection, spec.retain_loss, f"{spec.lr:g}",
+                      spec.localize)
     console.print(table)
     helps: dict[tuple, list[str]] = {}  # an option shared by several methods is listed once
     for name, item in described.items():
@@ -750,7 +752,7 @@ def methods(as_json: Annotated[bool, Opt("--json", help="Print {name: {summary, 
 @app.command()
 def plan(model: Model,
          method: Annotated[str | None, Opt("--method", help="See `unmemorize methods`. \\[default: hinge]")] = None,
-         lora: Lora = None, retain_loss: RetainLoss = None,
+         lora: Lora = None, retain_loss: RetainLoss = None, localize: Localize = None,
          devices: Annotated[int | None, Opt("--devices", help="Devices the run would use. \\[default: 1]")] = None,
          batch: Annotated[int | None, Opt("--batch", help="Forget sequences that get gradient in one step. "
                                           "\\[default: 12]")] = None,
@@ -775,7 +777,8 @@ def plan(model: Model,
     from .runs.plan import plan as make_plan
     from .runs.plan import plan_settings
 
-    settings = plan_settings(method=method, lora=lora, retain_loss=retain_loss, devices=devices, batch=batch,
+    settings = plan_settings(method=method, lora=lora, retain_loss=retain_loss, localize=localize, devices=devices,
+                             batch=batch,
                              length=length, retain_batch=retain_batch, neighbours=neighbours,
                              score_batch=batch_size, device=device, dtype=dtype, device_memory=device_memory)
     result = make_plan(model, settings, trust_remote_code=trust_remote_code).to_json()

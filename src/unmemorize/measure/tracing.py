@@ -50,13 +50,25 @@ SAMPLES = 3  # noise draws per sequence
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM (Llama-like: `model.model.layers`), through a PEFT or
-    DistributedDataParallel wrapper."""
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    base = getattr(model, "base_model", model)
-    inner = getattr(base, "model", base)
-    inner = getattr(inner, "model", inner) if not hasattr(inner, "layers") else inner
-    return inner.layers
+    """The decoder blocks of a Hugging Face causal LM: the ModuleList holding the most parameters (Llama's
+    `model.layers`, GPT-2's `transformer.h`, ...), through a PEFT, DDP or FSDP wrapper; empty when there is none."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=torch.nn.ModuleList())
+
+
+MLP_NAMES = ("mlp", "feed_forward")  # Llama, Qwen, Mistral, Gemma, Phi, GPT-2, GPT-NeoX, Falcon...; Llama 4
+
+
+def mlp_of(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """A decoder block's MLP module, None when the block has none as one module (OPT's fc1 and fc2)."""
+    return next((getattr(layer, name) for name in MLP_NAMES if isinstance(getattr(layer, name, None),
+                                                                          torch.nn.Module)), None)
+
+
+def traceable(model) -> bool:
+    """Whether every decoder block of `model` has an MLP module that causal tracing can restore."""
+    layers = decoder_layers(model)
+    return len(layers) > 0 and all(mlp_of(layer) is not None for layer in layers)
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,7 @@ def causal_trace(model, token_lists: list[list[int]], prefix_tokens: int, runtim
                 base = score()
                 corrupted[indices] += base.cpu().numpy() / samples
                 for layer in range(depth):
-                    with restore_output(layers[layer].mlp, outputs[layer], ~prefix):
+                    with restore_output(mlp_of(layers[layer]), outputs[layer], ~prefix):
                         effects[indices, layer] += (score() - base).cpu().numpy() / samples
     return Tracing(effects=effects, clean=clean, corrupted=corrupted, noise_std=nu, samples=samples)
 
@@ -164,7 +176,7 @@ def capture_mlp_outputs(layers: torch.nn.ModuleList) -> Iterator[list[torch.Tens
             outputs[layer] = output.detach()
         return hook
 
-    handles = [block.mlp.register_forward_hook(keep(k)) for k, block in enumerate(layers)]
+    handles = [mlp_of(block).register_forward_hook(keep(k)) for k, block in enumerate(layers)]
     try:
         yield outputs
     finally:

@@ -10,7 +10,8 @@ allocator's fragmentation; glibc's heap on a CPU), so leave a margin.
 
 Shapes (`Shape`): P every parameter (tied ones once); P_mm the weights of the matrix multiplications (every
 Linear, the output head included even when tied to the embeddings); P_t the trained parameters (all; a method's
-own subset, rmu; under `--lora r` the adapters, as peft makes them for `all-linear`); L layers, h hidden size,
+own subset, rmu; under `--lora r` the adapters, as peft makes them for `all-linear`; under `--localize causal:K`,
+hinge's default, those in K layers' MLPs); L layers, h hidden size,
 i MLP size, V vocabulary; P_u the largest decoder layer, P_root the parameters outside the layers.
 
 Bytes (`Precision`, as `io.models.make_runtime` chooses): w of a weight (4 under `--dtype auto` and `float32`,
@@ -69,12 +70,14 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InputError
 from ..io.models import read_config
+from ..measure.tracing import decoder_layers, mlp_of
+from ..unlearning.localize import layer_count, parse_localize
 from ..unlearning.methods import METHODS, GradientMethod
 
 GIB = 2**30
@@ -94,6 +97,8 @@ class PlanSettings(BaseModel):
 
     method: str = Field("hinge", description="A name from `unmemorize methods`.")
     lora: int = Field(0, ge=0, description="LoRA rank (0: the weights themselves train).")
+    localize: str | None = Field(None, description="causal:K: only the MLPs of K layers train (the largest K); "
+                                 "none: every layer; default: the method's (hinge: causal:6).")
     devices: int = Field(1, ge=1, description="Devices (GPUs, or processes on a CPU) the run would use.")
     batch: int = Field(12, ge=1, description="Forget sequences that get gradient in one step (the loop puts every "
                        "active sequence of the request in one batch, split over the devices).")
@@ -108,6 +113,17 @@ class PlanSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="As `unlearn --dtype`.")
     device_memory: float | None = Field(None, gt=0, description="Memory of one device in GiB (default: the first "
                                         "CUDA device's here, else this machine's RAM).")
+
+    @field_validator("localize", mode="before")
+    @classmethod
+    def _localize(cls, value: Any) -> str | None:
+        return parse_localize(value)
+
+    @property
+    def localized(self) -> str | None:
+        """causal:K when only K layers' MLPs train (given, or the method's default), else None."""
+        spec = self.localize or (METHODS[self.method].localize if self.method in METHODS else "none")
+        return None if spec == "none" else spec
 
 
 @dataclass(frozen=True)
@@ -154,9 +170,11 @@ class Shape:
     context: int | None
 
 
-def model_shape(config, method: str, lora: int, trust_remote_code: bool = False) -> Shape:
+def model_shape(config, method: str, lora: int, trust_remote_code: bool = False, localize: str | None = None) -> Shape:
     """Count parameters on a model built on the meta device: every one, the matmul weights, the trained ones (the
-    method's subset, or the LoRA adapters peft adds), the largest decoder layer and what lies outside the layers."""
+    method's subset, or the LoRA adapters peft adds; with `localize` causal:K only those in the MLPs of the K
+    layers whose MLPs are largest, as causal tracing picks K layers only the run can tell), the largest decoder
+    layer and what lies outside the layers."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -175,7 +193,7 @@ def model_shape(config, method: str, lora: int, trust_remote_code: bool = False)
         quiet.setLevel(level)
     params = sum(p.numel() for p in model.parameters())
     matmul = sum(module.weight.numel() for module in model.modules() if _is_matmul(module))
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
     in_layers = sum(p.numel() for layer in layers for p in layer.parameters())
     embedding = model.get_input_embeddings().weight
@@ -183,6 +201,11 @@ def model_shape(config, method: str, lora: int, trust_remote_code: bool = False)
     hidden = _field(text, "hidden_size", "n_embd", "d_model")
     intermediate = _field(text, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
     adapters = 0
+    mlps = None
+    if localize is not None and all(mlp_of(layer) is not None for layer in layers):  # else: every layer trains
+        blocks = sorted((mlp_of(layer) for layer in layers),
+                        key=lambda mlp: -sum(p.numel() for p in mlp.parameters()))
+        mlps = blocks[: layer_count(localize)]
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -190,12 +213,18 @@ def model_shape(config, method: str, lora: int, trust_remote_code: bool = False)
             warnings.simplefilter("ignore")
             model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, lora_dropout=0.0,
                                                      target_modules="all-linear"))
-        chosen = [p for p in model.parameters() if p.requires_grad]
-        adapters = sum(p.numel() for p in chosen)
+        if mlps is not None:  # the adapters inside those MLPs (peft wraps the modules in place)
+            mlps = [module for module in model.modules() if any(module is mlp for mlp in mlps)]
+        inside = None if mlps is None else {id(p) for mlp in mlps for p in mlp.parameters()}
+        chosen = [p for p in model.parameters() if p.requires_grad and (inside is None or id(p) in inside)]
+        adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         stage = next((s for s in METHODS[method].stages if issubclass(s, GradientMethod)), None)
         subset = stage().trainable(model) if stage is not None else None
         chosen = list(model.parameters()) if subset is None else subset
+        if mlps is not None:
+            inside = {id(p) for mlp in mlps for p in mlp.parameters()}
+            chosen = [p for p in chosen if id(p) in inside]
     return Shape(
         model_type=config.model_type, layer_class=type(layers[0]).__name__ if len(layers) else None,
         params=params, matmul_params=matmul, trained=sum(p.numel() for p in chosen),
@@ -211,14 +240,6 @@ def _is_matmul(module) -> bool:
     import torch
 
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's Linear
-
-
-def _decoder_layers(model):
-    """The ModuleList holding the most parameters: the decoder layers, whatever the family calls them."""
-    import torch
-
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
 
 
 def _field(config, *names: str) -> int:
@@ -290,7 +311,7 @@ def plan(model: str, settings: PlanSettings, trust_remote_code: bool = False) ->
     if settings.method not in METHODS:
         raise InputError(f"--method {settings.method!r}: unknown; choose one of {', '.join(METHODS)}")
     config = read_config(model, trust_remote_code)
-    shape = model_shape(config, settings.method, settings.lora, trust_remote_code)
+    shape = model_shape(config, settings.method, settings.lora, trust_remote_code, settings.localized)
     if shape.context is not None and settings.length > shape.context:  # the run truncates to the context
         settings = settings.model_copy(update={"length": shape.context})
     precision = Precision.of(settings.device, settings.dtype)
@@ -393,6 +414,8 @@ def launch_command(model: str, settings: PlanSettings, shape: Shape, choice: str
     options = [f"--model {model}", f"--method {settings.method}"]
     if settings.lora:
         options.append(f"--lora {settings.lora}")
+    if settings.localize:
+        options.append(f"--localize {settings.localize}")
     if settings.dtype != "auto":
         options.append(f"--dtype {settings.dtype}")
     if settings.retain_loss:

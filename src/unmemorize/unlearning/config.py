@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from ..errors import InputError
 from ..measure.audit import AuditSettings
@@ -71,7 +71,8 @@ class LoopSettings(BaseModel):
                                  "2022) ranks the layers by how much of the forget continuations' probability "
                                  "restoring their MLP output brings back under noised prefixes; only the MLPs of "
                                  "the K top layers train (with --lora, only their adapters). The per-layer effects "
-                                 "go to localization.json. Gradient methods only. See unlearning.localize.")
+                                 "go to localization.json. none: every layer. Default: the method's (hinge: "
+                                 "causal:6; the others: none). Gradient methods only. See unlearning.localize.")
     max_utility_drop: float = Field(0.10, gt=0, description="Stop and restore the best step when retain MA falls "
                                     "or general perplexity rises by more than this (relative).")
     recalibrate_every: int = Field(5, ge=1, description="Re-measure the holdout band every this many steps.")
@@ -82,6 +83,7 @@ class LoopSettings(BaseModel):
                               "steps: the lambda).")
     seed: int = 0
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    _localize_given: bool = PrivateAttr(True)
 
     @field_validator("method")
     @classmethod
@@ -104,6 +106,14 @@ class LoopSettings(BaseModel):
         return parse_localize(value)
 
     @model_validator(mode="after")
+    def _method_localize(self) -> LoopSettings:
+        """An unset --localize is the method's: the settings record what runs."""
+        self._localize_given = self.localize is not None
+        if self.localize is None:
+            self.localize = self.spec.localize
+        return self
+
+    @model_validator(mode="after")
     def _harden_without_lora(self) -> LoopSettings:
         if self.harden != "none" and self.lora:
             raise InputError(f"--harden {self.harden} with --lora {self.lora}: quantization acts on the merged "
@@ -113,6 +123,16 @@ class LoopSettings(BaseModel):
     @property
     def spec(self) -> MethodSpec:
         return METHODS[self.method]
+
+    @property
+    def localize_given(self) -> bool:
+        """Whether --localize was given (else it is the method's default)."""
+        return self._localize_given
+
+    @property
+    def localized(self) -> str | None:
+        """causal:K when only K layers' MLPs train, else None."""
+        return None if self.localize in (None, "none") else self.localize
 
     @property
     def learning_rate(self) -> float:

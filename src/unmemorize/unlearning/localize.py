@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InputError
 from ..io.files import atomic_write_text
-from ..measure.tracing import causal_trace, decoder_layers
+from ..measure.tracing import causal_trace, decoder_layers, mlp_of
 from .context import Context, TokenSets
 
 LOCALIZATION = "localization.json"
@@ -25,9 +25,12 @@ SPEC = re.compile(r"causal:(\d+)")
 
 
 def parse_localize(value: str | None) -> str | None:
-    """'causal:K' (K >= 1) as given, None for none; InputError otherwise."""
-    if value is None or str(value).strip().lower() in ("", "none"):
+    """'causal:K' (K >= 1) as given, 'none' for none (every layer), None when not given (the method's default);
+    InputError otherwise."""
+    if value is None:
         return None
+    if str(value).strip().lower() in ("", "none"):
+        return "none"
     text = str(value).strip()
     match = SPEC.fullmatch(text)
     if not match or int(match.group(1)) < 1:
@@ -63,7 +66,7 @@ def restrict_to_mlps(model, layers: list[int]) -> None:
     """Freeze every parameter outside the MLPs of `layers` (those inside keep their requires_grad: under LoRA
     only the adapters train)."""
     blocks = decoder_layers(model)
-    keep = {id(p) for layer in layers for p in blocks[layer].mlp.parameters()}
+    keep = {id(p) for layer in layers for p in mlp_of(blocks[layer]).parameters()}
     for param in model.parameters():
         param.requires_grad_(param.requires_grad and id(param) in keep)
 

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import InputError
+from ..io.notes import note
+from ..measure.tracing import traceable
 from .context import Batch, Context, TokenSets
 from .localize import check_trainable, localized_layers, restrict_to_mlps
 
@@ -24,9 +27,17 @@ def trainable(ctx: Context, objective, settings: LoopSettings, tokens: TokenSets
     largest forget gradient (`--mask-fraction`)."""
     model = ctx.model
     layers = None
-    if settings.localize:  # traced on the model as it is, before any adapter
+    localize = settings.localized
+    if localize and not traceable(model):
+        if settings.localize_given:
+            raise InputError(f"--localize {localize}: the model's decoder layers hold no MLP module to trace and "
+                             "train (OPT's fc1 and fc2, for one); use --localize none")
+        note(f"{settings.method}'s default --localize {localize}: the model's decoder layers hold no MLP module to "
+             "trace; every layer trains")
+        localize = None
+    if localize:  # traced on the model as it is, before any adapter
         audit = settings.audit
-        layers = localized_layers(ctx, settings.localize, tokens, audit.prefix_tokens, settings.seed,
+        layers = localized_layers(ctx, localize, tokens, audit.prefix_tokens, settings.seed,
                                   audit.batch_size, work, main)
     if settings.lora:
         from peft import LoraConfig, get_peft_model
@@ -43,7 +54,7 @@ def trainable(ctx: Context, objective, settings: LoopSettings, tokens: TokenSets
         restrict_to_mlps(model, layers)
     params = [p for p in model.parameters() if p.requires_grad]
     if layers is not None:
-        check_trainable(params, settings.localize, layers)
+        check_trainable(params, localize, layers)
     grad_mask = forget_gradient_mask(ctx, objective, params, tokens, settings) if settings.mask_fraction else None
     return model, params, grad_mask
 

@@ -87,7 +87,8 @@ class MethodSpec:
     """A method by name: its stages (method classes run one after the other, each on what the previous left),
     which forget sequences they train on (ALL; BAND: only those blocking the target; TWO_WAY: those, and those
     over-unlearned on loss, to pull back: the loop passes the bands of the step in `ctx.step`), the retain
-    regularizer it adds by default (none | nll | kl), its default learning rate and margin (`--margin`)."""
+    regularizer it adds by default (none | nll | kl), its default learning rate, margin (`--margin`) and
+    localization (`--localize`)."""
 
     name: str
     summary: str
@@ -96,6 +97,7 @@ class MethodSpec:
     retain_loss: str = "none"
     lr: float = 2e-5
     margin: float = 0.0  # the loop aims this fraction of each band's width inside it (`--margin`)
+    localize: str = "none"  # causal:K: only the MLPs of the K layers causal tracing ranks first train (`--localize`)
 
     def __post_init__(self) -> None:
         if self.selection not in (ALL, BAND, TWO_WAY):
@@ -118,8 +120,10 @@ class MethodSpec:
         return create_model(f"{self.name}Config", __base__=MethodConfig, **fields)
 
     def describe(self) -> dict:
-        """{"summary": ..., "options": {key: {"default": ..., "help": ...}}} (`unmemorize methods --json`)."""
-        return {"summary": self.summary,
+        """{"summary": ..., "options": {key: {"default": ..., "help": ...}}, and the loop's defaults for it: lr,
+        retain_loss, selection, margin, localize} (`unmemorize methods --json`)."""
+        return {"summary": self.summary, "lr": self.lr, "retain_loss": self.retain_loss, "selection": self.selection,
+                "margin": self.margin, "localize": self.localize,
                 "options": {key: {"default": field.default, "help": field.description or ""}
                             for key, field in self.config.model_fields.items()}}
 

@@ -141,5 +141,5 @@ def flip_hinge(margins: torch.Tensor, upper: float, delta: float, prefix: int) -
 SPECS = [
     MethodSpec("hinge", "two-way band hinge (recommended): loss and MA of each sequence into the band by the "
                "smallest change, pulled back when over, zero inside (bounded)", (Hinge,), selection=TWO_WAY,
-               retain_loss="nll", lr=3e-5, margin=0.25),
+               retain_loss="nll", lr=3e-4, margin=0.25, localize="causal:6"),
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ...measure.tracing import decoder_layers
+from ...measure.tracing import decoder_layers, mlp_of
 from ..context import TOKENS, Batch, Context
 from .base import GradientMethod, MethodConfig, MethodSpec
 
@@ -45,7 +45,7 @@ class RMU(GradientMethod):
         """The MLP weights of the few layers up to the steered one; everything else stays frozen."""
         layers, last = decoder_layers(model), self.layer_index(model)
         chosen = layers[max(0, last - self.config.trainable_layers + 1) : last + 1]
-        return [p for layer in chosen for p in layer.mlp.parameters()]
+        return [p for layer in chosen for p in mlp_of(layer).parameters()]
 
     def prepare(self, ctx: Context) -> None:
         ctx.keep_original()
