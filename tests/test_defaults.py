@@ -105,7 +105,7 @@ def test_the_demo_runs_hinge_with_neighbours_and_ga_under_the_mean_rule(tiny, tm
     from unmemorize.runs import demo, embedded
 
     assert demo.DEMO_RUNS["hinge"] == {"method": "hinge", "stop": "band", "target": "indistinguishable",
-                                       "lr": demo.HINGE_LR, "max_steps": 150}
+                                       "max_steps": 150}  # the method's defaults: lr 3e-4, causal:6
     assert demo.DEMO_RUNS["ga_mean"]["method"] == "ga" and demo.DEMO_RUNS["ga_mean"]["stop"] == "mean"
     assert list(demo.DEMO_RUNS) == ["hinge", "ga_mean"]
     for name, options in demo.DEMO_RUNS.items():
@@ -140,7 +140,8 @@ def test_the_demo_runs_hinge_with_neighbours_and_ga_under_the_mean_rule(tiny, tm
         lines = [json.loads(line) for line in (out / "runs" / name / "trajectory.jsonl").read_text().splitlines()]
         assert any("neighbour_kl" in line for line in lines)  # both runs measure how far the neighbours moved
     hinge, ga_mean = (read_json(out / "runs" / name / "run.json")["settings"] for name in ("hinge", "ga_mean"))
-    assert hinge["lr"] == demo.HINGE_LR and hinge["neighbour_weight"] == 3.0
+    assert hinge["lr"] is None and hinge["localize"] == "causal:6" and hinge["neighbour_weight"] == 3.0
+    assert (out / "runs" / "hinge" / "localization.json").is_file()
     assert ga_mean["neighbour_weight"] == 0.0  # plain ga: the KL is logged, not trained on
     text = console.export_text()
     assert "hinge" in text and "ga_mean" in text and "runs/{hinge,ga_mean}/" in text

@@ -156,11 +156,54 @@ def trainable_names(tiny_loaded, work, **options) -> set[str]:
     model = copy.deepcopy(model)
     forget = [tokenizer(s.text)["input_ids"] for s in [Sequence("a", "k0 v1 k1 v2 k2 v3 k3 v4 k4 v5")]]
     ctx = Context(model=model, runtime=runtime, pad_id=0, forget_ids=forget)
-    settings = UnlearnSettings(method="ga", audit={"prefix_tokens": PREFIX}, **options)
-    model, params, _ = trainable(ctx, build_method("ga", tokenizer), settings,
+    settings = UnlearnSettings(**{"method": "ga", "audit": {"prefix_tokens": PREFIX}, **options})
+    model, params, _ = trainable(ctx, build_method(settings.method, tokenizer), settings,
                                  TokenSets(forget, ["a"], [], None, []), work)
     assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
     return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_hinge_localizes_by_default_and_none_trains_every_layer(tiny_loaded, tmp_path):
+    """hinge's default causal:6 on a 2-layer model: both layers' MLPs, traced and written down; --localize none:
+    every weight."""
+    names = trainable_names(tiny_loaded, tmp_path / "default", method="hinge")
+    assert names == {f"model.layers.{k}.mlp.{p}_proj.weight" for k in (0, 1) for p in ("gate", "up", "down")}
+    assert json.loads((tmp_path / "default" / LOCALIZATION).read_text())["trained_layers"] == [0, 1]
+    every = trainable_names(tiny_loaded, tmp_path / "none", method="hinge", localize="none")
+    assert len(every) == len(list(tiny_loaded[0].parameters())) and not (tmp_path / "none" / LOCALIZATION).exists()
+
+
+def test_layers_and_mlps_are_found_across_architectures(tiny_loaded, tmp_path, capsys):
+    """GPT-2 keeps its blocks in transformer.h, each with an mlp; OPT's blocks hold fc1 and fc2 but no MLP module:
+    an explicit --localize is refused, hinge's default falls back to every layer with a note."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    from tiny import build_method
+
+    from unmemorize.io import notes
+    from unmemorize.measure.tracing import mlp_of, traceable
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=63, n_embd=32, n_layer=3, n_head=2, n_positions=64))
+    assert decoder_layers(gpt2) is gpt2.transformer.h and traceable(gpt2)
+    assert mlp_of(gpt2.transformer.h[1]) is gpt2.transformer.h[1].mlp
+    opt = OPTForCausalLM(OPTConfig(vocab_size=63, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                   num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32))
+    assert len(decoder_layers(opt)) == 2 and not traceable(opt)
+    _, tokenizer, runtime = tiny_loaded
+    forget = [tokenizer("k0 v1 k1 v2 k2 v3 k3 v4")["input_ids"]]
+    tokens = TokenSets(forget, ["a"], [], None, [])
+
+    def trained(**options) -> int:
+        settings = UnlearnSettings(method="hinge", audit={"prefix_tokens": PREFIX}, **options)
+        ctx = Context(model=copy.deepcopy(opt), runtime=runtime, pad_id=0, forget_ids=forget)
+        _, params, _ = trainable(ctx, build_method("hinge", tokenizer), settings, tokens, tmp_path)
+        return len(params)
+
+    notes._said.clear()
+    assert trained() == len(list(opt.parameters()))
+    assert "hinge's default --localize causal:6" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--localize causal:1: the model's decoder layers hold no MLP module"):
+        trained(localize="causal:1")
 
 
 def test_localize_with_lora_trains_only_the_adapters_of_those_mlps(tiny_loaded, tmp_path):
