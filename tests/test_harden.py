@@ -98,8 +98,8 @@ def test_a_hardened_run_leaves_nothing_the_4bit_attack_brings_back(tiny, tmp_pat
     sets = ["--forget", files["forget"], "--holdout", files["holdout"], "--retain", files["retain"]]
     out = tmp_path / "run"
     result = run_cli("unlearn", "--model", tiny["model"], *sets, "--general", files["retain"], "--harden", "Q4_0",
-                     "--localize", "none", "--lr", "1e-3", "--max-steps", "60", "--max-utility-drop", "10", "--out", out, *FAST,
-                     env=ONE_THREAD)
+                     "--localize", "none", "--lr", "1e-3", "--max-steps", "60", "--max-utility-drop", "10",
+                     "--out", out, *FAST, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     run = read_json(out / "run.json")
     assert run["settings"]["harden"] == "Q4_0" and run["target_reached"]

@@ -176,9 +176,8 @@ def test_hinge_localizes_by_default_and_none_trains_every_layer(tiny_loaded, tmp
 def test_layers_and_mlps_are_found_across_architectures(tiny_loaded, tmp_path, capsys):
     """GPT-2 keeps its blocks in transformer.h, each with an mlp; OPT's blocks hold fc1 and fc2 but no MLP module:
     an explicit --localize is refused, hinge's default falls back to every layer with a note."""
-    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
-
     from tiny import build_method
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
     from unmemorize.io import notes
     from unmemorize.measure.tracing import mlp_of, traceable
