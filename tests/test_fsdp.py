@@ -6,11 +6,12 @@ frozen original model; the sharded checkpoint is resumed; at the end the full we
 Every number the run reports must then agree with one plain process: per-sequence MA within 1e-4 at every step
 and after, losses within 1e-4, the same stop reason and target decision, the same saved weights.
 
-Two launches cover everything (each costs a few seconds of start-up per process):
+Three launches cover everything (each costs a few seconds of start-up per process):
   - `ga` with a gradient mask and the utility guard restoring the best state, killed after a sharded checkpoint
     (by torchrun, FSDP asked for in the environment) and resumed (by `accelerate launch` with the shipped config);
   - `npo_kl` with LoRA, neighbours and SAM: the sharded original model for both KL terms, the adapters sharded,
-    SAM's norm over every shard.
+    SAM's norm over every shard;
+and the default method, `hinge`, which traces the request and trains only the MLPs of the layers it finds.
 """
 
 from __future__ import annotations
@@ -160,6 +161,25 @@ def test_fsdp_with_lora_and_a_sharded_reference_model(tiny, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "two")
     kl = [line for line in read_run(tmp_path / "two")["trajectory"] if line.get("neighbour_kl") is not None]
     assert kl[0]["neighbour_kl"] < 1e-6 < kl[-1]["neighbour_kl"]  # the reference is the original model
+
+
+@needs_launchers
+def test_fsdp_with_hinge_localized_by_default(tiny, tmp_path):
+    """The default method traces the request and trains only the MLPs (every other weight frozen inside the
+    shards): two processes give the one-process run, and only the MLP weights move."""
+    general = tmp_path / "general.jsonl"
+    write_jsonl(general, tiny["sets"]["holdout"])
+    extra = ["--max-steps", "4", "--lr", "1e-3", "--max-utility-drop", "5"]
+    launched = start(arguments(tiny, general, tmp_path / "two", *extra), "torchrun")
+    single = start(arguments(tiny, general, tmp_path / "one", *extra))
+    finished(single)
+    assert SHARDED in finished(launched)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert read_run(tmp_path / "two")["run"]["settings"]["localize"] == "causal:6"
+    before = load_file(tiny["model"] / "model.safetensors")
+    after = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    moved = {name for name in before if not (before[name] == after[name]).all()}
+    assert moved and all(".mlp." in name for name in moved), moved
 
 
 def test_fsdp_is_asked_for_by_the_environment(monkeypatch):
