@@ -41,8 +41,8 @@ FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
     "representation steering": (("rmu",), ""),
     "task arithmetic (weight space)": (("ta", "tau", "sgatau"), ""),
     "second-order optimization (SOUL)": ((), "--optimizer sophia, with any gradient method"),
-    "localization, then unlearning": ((), "--localize causal:K (causal tracing) or --mask-fraction F (gradient "
-                                           "saliency), with any gradient method"),
+    "localization, then unlearning": ((), "--localize causal:K (causal tracing; hinge's default: causal:6) or "
+                                           "--mask-fraction F (gradient saliency), with any gradient method"),
     "input-based, weights unchanged": ((), "audit/attack --decoding icul:K | guardrail | input_filter: protects a "
                                             "deployment, not the weights"),
     "decoding-time guards, weights unchanged": ((), "audit/attack --decoding dpd | filter:N"),
