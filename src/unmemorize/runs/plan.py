@@ -213,18 +213,15 @@ def model_shape(config, method: str, lora: int, trust_remote_code: bool = False,
             warnings.simplefilter("ignore")
             model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, lora_dropout=0.0,
                                                      target_modules="all-linear"))
-        if mlps is not None:  # the adapters inside those MLPs (peft wraps the modules in place)
-            mlps = [module for module in model.modules() if any(module is mlp for mlp in mlps)]
-        inside = None if mlps is None else {id(p) for mlp in mlps for p in mlp.parameters()}
-        chosen = [p for p in model.parameters() if p.requires_grad and (inside is None or id(p) in inside)]
-        adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        chosen = [p for p in model.parameters() if p.requires_grad]
+        adapters = sum(p.numel() for p in chosen)
     else:
         stage = next((s for s in METHODS[method].stages if issubclass(s, GradientMethod)), None)
         subset = stage().trainable(model) if stage is not None else None
         chosen = list(model.parameters()) if subset is None else subset
-        if mlps is not None:
-            inside = {id(p) for mlp in mlps for p in mlp.parameters()}
-            chosen = [p for p in chosen if id(p) in inside]
+    if mlps is not None:  # peft wraps the Linears inside the MLP modules, which then hold their adapters
+        inside = {id(p) for mlp in mlps for p in mlp.parameters()}
+        chosen = [p for p in chosen if id(p) in inside]
     return Shape(
         model_type=config.model_type, layer_class=type(layers[0]).__name__ if len(layers) else None,
         params=params, matmul_params=matmul, trained=sum(p.numel() for p in chosen),
