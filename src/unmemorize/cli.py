@@ -778,8 +778,7 @@ def plan(model: Model,
     from .runs.plan import plan_settings
 
     settings = plan_settings(method=method, lora=lora, retain_loss=retain_loss, localize=localize, devices=devices,
-                             batch=batch,
-                             length=length, retain_batch=retain_batch, neighbours=neighbours,
+                             batch=batch, length=length, retain_batch=retain_batch, neighbours=neighbours,
                              score_batch=batch_size, device=device, dtype=dtype, device_memory=device_memory)
     result = make_plan(model, settings, trust_remote_code=trust_remote_code).to_json()
     if as_json:

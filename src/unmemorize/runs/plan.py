@@ -77,7 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import InputError
 from ..io.models import read_config
 from ..measure.tracing import decoder_layers, mlp_of
-from ..unlearning.localize import layer_count, parse_localize
+from ..unlearning.localize import layer_count, localized, parse_localize
 from ..unlearning.methods import METHODS, GradientMethod
 
 GIB = 2**30
@@ -122,8 +122,7 @@ class PlanSettings(BaseModel):
     @property
     def localized(self) -> str | None:
         """causal:K when only K layers' MLPs train (given, or the method's default), else None."""
-        spec = self.localize or (METHODS[self.method].localize if self.method in METHODS else "none")
-        return None if spec == "none" else spec
+        return localized(self.localize, METHODS[self.method].localize if self.method in METHODS else "none")
 
 
 @dataclass(frozen=True)

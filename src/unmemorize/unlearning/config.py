@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from ..errors import InputError
 from ..measure.audit import AuditSettings
-from .localize import parse_localize
+from .localize import localized, parse_localize
 from .methods import METHODS, MethodSpec
 
 
@@ -132,7 +132,7 @@ class LoopSettings(BaseModel):
     @property
     def localized(self) -> str | None:
         """causal:K when only K layers' MLPs train, else None."""
-        return None if self.localize in (None, "none") else self.localize
+        return localized(self.localize, self.spec.localize)
 
     @property
     def learning_rate(self) -> float:

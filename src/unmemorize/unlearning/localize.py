@@ -39,6 +39,13 @@ def parse_localize(value: str | None) -> str | None:
     return f"causal:{int(match.group(1))}"
 
 
+def localized(value: str | None, default: str = "none") -> str | None:
+    """The 'causal:K' that runs for a parsed --localize `value` (None: the method's `default`), None when every
+    layer trains."""
+    spec = default if value is None else value
+    return None if spec == "none" else spec
+
+
 def layer_count(spec: str) -> int:
     """K of 'causal:K'."""
     return int(spec.split(":")[1])
