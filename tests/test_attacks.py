@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from unmemorize.errors import InputError
-from unmemorize.evaluate.attacks import ATTACKS, DEFAULT_ATTACKS, OPT_IN, AttackSettings, run_attacks
+from unmemorize.evaluate.attacks import ATTACKS, DEFAULT_ATTACKS, OPT_IN, AttackSettings, against_oracle, run_attacks
 from unmemorize.evaluate.attacks.prefix import Split
 from unmemorize.evaluate.attacks.quantize import absmax_round_trip, quantize_model
 from unmemorize.evaluate.attacks.sampling import lcs_length, rouge_l
@@ -255,3 +255,29 @@ def test_bad_names_are_input_errors():
     with pytest.raises(InputError, match="unknown"):
         AttackSettings(prefix_variations=["uppercase"])
     assert AttackSettings(attacks=["prefix", "prefix"]).attacks == ["prefix"]
+
+
+def test_against_oracle_counts_only_what_the_oracle_does_not_show():
+    def row(id_, status, verbatim, returned_e, returned_v):
+        return {"id": id_, "status": status, "verbatim": verbatim, "returned_extractable": returned_e,
+                "returned_verbatim": returned_v}
+
+    mine = {"prefix": {"returned_extractable": 3, "returned_verbatim": 1, "sequences": [
+                row("a", EXTRACTABLE, False, True, False),   # the oracle shows it too: not beyond
+                row("b", EXTRACTABLE, True, True, True),     # the oracle: extractable, not verbatim
+                row("c", EXTRACTABLE, False, True, False),   # the oracle's attack did not measure it
+                row("d", "in_band", False, False, False)]},
+            "noise": {"returned_extractable": 0, "returned_verbatim": 0, "sequences": []}}
+    theirs = {"prefix": {"returned_extractable": 2, "returned_verbatim": 0, "extractable": 2, "verbatim": 0,
+                         "n": 3, "sequences": [row("a", EXTRACTABLE, False, True, False),
+                                               row("b", EXTRACTABLE, False, True, False),
+                                               row("d", "in_band", True, False, True)]}}
+    against_oracle(mine, theirs)
+    prefix = mine["prefix"]
+    assert prefix["beyond_oracle_extractable"] == 1 and prefix["beyond_oracle_verbatim"] == 1  # c; b's verbatim
+    assert [r["beyond_oracle_extractable"] for r in prefix["sequences"]] == [False, False, True, False]
+    assert [r["beyond_oracle_verbatim"] for r in prefix["sequences"]] == [False, True, False, False]
+    assert [r["oracle_status"] for r in prefix["sequences"]] == [EXTRACTABLE, EXTRACTABLE, None, "in_band"]
+    assert prefix["oracle"] == {"returned_extractable": 2, "returned_verbatim": 0, "extractable": 2, "verbatim": 0,
+                                "n": 3}
+    assert "oracle" not in mine["noise"] and "beyond_oracle_extractable" not in mine["noise"]  # not run there

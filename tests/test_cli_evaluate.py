@@ -32,6 +32,12 @@ def test_unlearn_with_oracle_attacks_and_tasks_writes_everything(evaluated_run, 
     assert list(after["attacks"]) == DEFAULT_ATTACKS
     for entry in after["attacks"].values():
         assert isinstance(entry["returned_extractable"], int) and isinstance(entry["returned_verbatim"], int)
+        # --oracle with --attacks: the same attacks on the oracle, and what is returned beyond it
+        assert "returned_extractable" in entry["oracle"]
+        assert 0 <= entry["beyond_oracle_extractable"] <= entry["returned_extractable"]
+    certified = read_json(out / "certificate.json")["attacks"]
+    assert {name: a["beyond_oracle_extractable"] for name, a in certified.items()} == {
+        name: a["beyond_oracle_extractable"] for name, a in after["attacks"].items()}
     assert 0 <= after["oracle"]["forget_quality"] <= 1
     assert "ref_auc" in after["privacy"] and "ref_auc_ci" in after["privacy"]
     run = read_json(out / "run.json")
@@ -137,3 +143,39 @@ def test_bad_evaluation_input_exits_2_and_writes_nothing(tiny, tmp_path, args, m
     assert_refused(result, message, out, out.with_name("run.partial"))
 
 
+
+
+def test_attack_against_the_oracle_counts_beyond_it(tiny, tiny_oracle, tmp_path):
+    """The oracle never saw f0-f3: what an attack brings back on the memorizing model is beyond it. The model as
+    its own oracle: every returned record is one the oracle shows too, so nothing is beyond it."""
+    common = ("--forget", tiny["files"]["forget"], "--holdout", tiny["files"]["holdout"], "--attacks",
+              "prefix,quantize_8bit", "--prefix-tokens", "8", "--dtype", "float32")
+    out = tmp_path / "itself"
+    result = run_cli("attack", "--model", tiny["model"], *common, "--oracle", tiny["model"], "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = read_json(out / "attack.json")
+    assert report["oracle"]["source"] == str(tiny["model"])
+    for name in ("prefix", "quantize_8bit"):
+        entry = report[name]
+        assert entry["oracle"]["returned_extractable"] == entry["returned_extractable"]
+        assert entry["beyond_oracle_extractable"] == entry["beyond_oracle_verbatim"] == 0
+        assert all(r["oracle_status"] == r["status"] for r in entry["sequences"])
+    assert "beyond the oracle" in result.stdout
+
+    out = tmp_path / "oracle"
+    result = run_cli("attack", "--model", tiny["model"], *common, "--oracle", tiny_oracle, "--out", out)
+    assert result.returncode == 0, result.stderr
+    prefix = read_json(out / "attack.json")["prefix"]
+    rows = {r["id"]: r for r in prefix["sequences"]}
+    # the prefix variations find the memorized records on the model; the oracle shows none of them
+    assert all(rows[f]["status"] == "extractable" and rows[f]["oracle_status"] != "extractable"
+               for f in ("f0", "f1", "f2", "f3"))
+    assert prefix["beyond_oracle_extractable"] == prefix["returned_extractable"] - sum(
+        r["returned_extractable"] and r["oracle_status"] == "extractable" for r in rows.values())
+
+
+def test_attack_refuses_a_bad_oracle_before_attacking(tiny, tmp_path):
+    out = tmp_path / "attack"
+    result = run_cli("attack", "--model", tiny["model"], "--forget", tiny["files"]["forget"], "--holdout",
+                     tiny["files"]["holdout"], "--oracle", tmp_path / "no-such-model", "--out", out)
+    assert_refused(result, "no-such-model", out)

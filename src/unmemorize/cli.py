@@ -201,6 +201,9 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
                                                                 help="Any attack setting (`unmemorize attacks`), "
                                                                 "VALUE read as YAML. Repeatable.")] = None,
            decoding: Decoding = None,
+           oracle: Annotated[str | None, typer.Option("--oracle", help="A model trained without the forget set: "
+                                                      "the same attacks run on it too, and each attack counts the "
+                                                      "records it brings back beyond those it shows there.")] = None,
            device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 8, seed: Seed = 0,
            max_tokens: MaxTokens = 256, prefix_tokens: PrefixTokens = 32, band: BandRule = "quantile:0.05,0.95",
            allow_pickle: AllowPickle = False, trust_remote_code: TrustRemoteCode = False) -> None:
@@ -209,7 +212,8 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
 
     from pydantic import ValidationError
 
-    from .evaluate.attacks import AttackSettings, run_attacks
+    from .evaluate.attacks import AttackSettings, against_oracle, run_attacks
+    from .evaluate.suite import audit_oracle, oracle_attacks
     from .io.files import atomic_write_text
     from .io.models import make_runtime
     from .measure.audit import audit as run_audit
@@ -237,9 +241,16 @@ def attack(model: Model, forget: Forget, holdout: Annotated[str, typer.Option("-
     lm, tokenizer, info, wrap = load_measured_model(model, runtime, load_options, decoding_spec, sets, settings)
     with console.status("auditing the model without attack"):
         baseline = run_audit(wrap(lm) if wrap else lm, tokenizer, sets, settings, runtime, model_info=info)
+        # a bad --oracle fails here, before any attack runs
+        oracle_audit = audit_oracle(oracle, sets, settings, runtime, load_options) if oracle else None
     with console.status("attacking"):
         results = run_attacks(lm, tokenizer, sets, settings, runtime, attack_settings, baseline=baseline, wrap=wrap)
-    report = {"model": info, "settings": {"audit": settings.model_dump(), "attacks": attack_settings.model_dump()},
+    if oracle_audit is not None:
+        with console.status("the same attacks on the oracle"):
+            against_oracle(results, oracle_attacks(oracle_audit, sets, settings, runtime, attack_settings,
+                                                   load_options))
+    report = {"model": info, **({"oracle": oracle_audit.model} if oracle_audit else {}),
+              "settings": {"audit": settings.model_dump(), "attacks": attack_settings.model_dump()},
               "baseline": {"band": baseline.band.to_json(), "forget": baseline.summary("forget")},
               **({"decoding": info["decoding"]} if "decoding" in info else {}), **results}
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from ..io.sets import Sequence
 from ..measure.audit import AuditResult, AuditSettings, audit
 from ..measure.extraction import DECODE_BATCH_FACTOR
 from ..measure.utility import utility
-from .attacks import AttackSettings, run_attacks
+from .attacks import AttackSettings, against_oracle, run_attacks
 from .downstream import downstream
 from .health import generation_health
 from .oracle import oracle_report
@@ -60,11 +60,28 @@ def audit_oracle(oracle: str, sets: dict[str, list[Sequence]], audit_settings: A
 def evaluate_audit(result: AuditResult, model, tokenizer, sets: dict[str, list[Sequence]],
                    audit_settings: AuditSettings, runtime: Runtime, attacks: AttackSettings | None = None,
                    oracle_audit: AuditResult | None = None,
-                   token_ids: dict[str, list[list[int]]] | None = None) -> None:
-    """Add "oracle" and "attacks" to `result` (an audit of `model`), as after.json holds them. `token_ids`:
-    the sets already encoded (the attacks do not encode them again)."""
+                   token_ids: dict[str, list[list[int]]] | None = None, load_options: dict | None = None) -> None:
+    """Add "oracle" and "attacks" to `result` (an audit of `model`), as after.json holds them; with both, the
+    attacks are paired with the same attacks on the oracle (`attacks.against_oracle`). `token_ids`: the sets
+    already encoded (the attacks do not encode them again)."""
     if oracle_audit is not None:
         result.extra["oracle"] = oracle_report(result, oracle_audit)
     if attacks is not None:
         result.extra["attacks"] = run_attacks(model, tokenizer, sets, audit_settings, runtime, attacks,
                                               baseline=result, token_ids=token_ids)
+        if oracle_audit is not None:
+            against_oracle(result.extra["attacks"],
+                           oracle_attacks(oracle_audit, sets, audit_settings, runtime, attacks, load_options))
+
+
+def oracle_attacks(oracle_audit: AuditResult, sets: dict[str, list[Sequence]], audit_settings: AuditSettings,
+                   runtime: Runtime, attacks: AttackSettings, load_options: dict | None = None) -> dict:
+    """The attacks run on the oracle (loaded again from its audit's source), against its own audit: what they
+    find in a model that never saw the request. Kept in `oracle_audit.extra`, so the runs of a comparison that
+    share the oracle's audit attack it once."""
+    done = oracle_audit.extra.setdefault("attacks", {})
+    key = attacks.model_dump_json()
+    if key not in done:
+        model, tokenizer = load_model(oracle_audit.model["source"], runtime, **(load_options or {}))
+        done[key] = run_attacks(model, tokenizer, sets, audit_settings, runtime, attacks, baseline=oracle_audit)
+    return done[key]

@@ -112,8 +112,9 @@ def build_certificate(run: dict, before: AuditResult, after: AuditResult, forget
                    "loss_memorized_before": before.summary("forget")["loss_memorized"],
                    "loss_memorized_after": summary["loss_memorized"],
                    "loss_over_unlearned_after": summary["loss_over_unlearned"]},
-        "attacks": {name: {"returned_extractable": int(result["returned_extractable"]),
-                           "returned_verbatim": int(result["returned_verbatim"])}
+        "attacks": {name: {key: int(result[key]) for key in ("returned_extractable", "returned_verbatim",
+                                                             "beyond_oracle_extractable", "beyond_oracle_verbatim")
+                           if key in result}
                     for name, result in after.extra.get("attacks", {}).items()} or None,
         "oracle": {k: after.extra["oracle"][k] for k in ("forget_quality", "privleak")}
         if "oracle" in after.extra else None,

@@ -206,8 +206,13 @@ def summary_cards(folder: RunFolder) -> list[dict]:
     if attacks:
         returned = sum(int(a.get("returned_extractable", 0)) for a in attacks.values())
         verbatim = sum(int(a.get("returned_verbatim", 0)) for a in attacks.values())
+        paired = all("oracle" in a for a in attacks.values())
+        beyond = sum(int(a.get("beyond_oracle_extractable", 0)) + int(a.get("beyond_oracle_verbatim", 0))
+                     for a in attacks.values())
         cards.append(card("Attacks", f"{returned} returned", f"extractable under {len(attacks)} attack(s); "
-                          f"{verbatim} returned verbatim", "good" if returned == verbatim == 0 else "bad"))
+                          f"{verbatim} returned verbatim"
+                          + (f"; {beyond} beyond what the same attacks find on the oracle" if paired else ""),
+                          "good" if returned == verbatim == 0 or (paired and beyond == 0) else "bad"))
     return cards
 
 
@@ -458,7 +463,9 @@ def attack_section(attacks: dict | None, sequences: list[dict]) -> dict | None:
         return None
     names = list(attacks)
     summary = [{"name": name, "returned_extractable": entry.get("returned_extractable"),
-                "returned_verbatim": entry.get("returned_verbatim"), "extractable": entry.get("extractable"),
+                "returned_verbatim": entry.get("returned_verbatim"), "oracle": entry.get("oracle"),
+                "beyond_oracle_extractable": entry.get("beyond_oracle_extractable"),
+                "beyond_oracle_verbatim": entry.get("beyond_oracle_verbatim"), "extractable": entry.get("extractable"),
                 "verbatim": entry.get("verbatim"), "n": entry.get("n"), "seconds": entry.get("seconds"),
                 "description": entry.get("description", "")} for name, entry in attacks.items()]
     by_attack = {name: {str(r.get("id")): r for r in entry.get("sequences", [])} for name, entry in attacks.items()}
@@ -467,7 +474,8 @@ def attack_section(attacks: dict | None, sequences: list[dict]) -> dict | None:
         cells = [attack_cell(by_attack[name].get(seq["id"]), seq["id"] in attacks[name].get("trained_ids", []))
                  for name in names]
         rows.append({"id": seq["id"], "hash": seq["hash"], "status": seq["status_after"], "cells": cells})
-    return {"names": names, "summary": summary, "rows": rows}
+    return {"names": names, "summary": summary, "rows": rows,
+            "paired": any(entry.get("oracle") is not None for entry in attacks.values())}
 
 
 def attack_cell(result: dict | None, trained_on: bool) -> dict:
@@ -476,6 +484,10 @@ def attack_cell(result: dict | None, trained_on: bool) -> dict:
     returned = bool(result.get("returned_extractable") or result.get("returned_verbatim"))
     status = result.get("status") or ""
     text = status.replace("_", " ") + (" · verbatim" if result.get("verbatim") else "")
+    if returned and "beyond_oracle_extractable" in result:  # the oracle under the same attack shows it too?
+        beyond = result["beyond_oracle_extractable"] or result["beyond_oracle_verbatim"]
+        return {"text": text + (" (returned)" if beyond else " (returned; the oracle's too)"), "status": status,
+                "returned": bool(beyond)}
     return {"text": text + (" (returned)" if returned else ""), "status": status, "returned": returned}
 
 

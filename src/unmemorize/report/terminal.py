@@ -102,14 +102,24 @@ def print_oracle(result: AuditResult, console: Console) -> None:
 
 
 def attack_table(attacks: dict, baseline: AuditResult, title: str = "Attacks") -> Table:
-    """One row per attack: how many forget sequences it brings back to extractable or verbatim."""
+    """One row per attack: how many forget sequences it brings back to extractable or verbatim; when the attacks
+    also ran on the oracle, how many it brings back there and how many beyond those the oracle shows."""
     forget = baseline.summary("forget")
     table = Table(title=f"{title} (without attack: {forget['extractable']} extractable, {forget['verbatim']} "
                   f"verbatim of {forget['n']})", title_justify="left")
-    for column in ("attack", "returned extractable", "returned verbatim"):
-        table.add_column(column, justify="right" if column.startswith("returned") else "left")
+    paired = any("oracle" in entry for entry in attacks.values())
+    columns = ("attack", "returned extractable", "returned verbatim",
+               *(("on the oracle", "beyond the oracle") if paired else ()))
+    for column in columns:
+        table.add_column(column, justify="left" if column == "attack" else "right")
     for name, entry in attacks.items():  # what each attack does: attack.json / the report's descriptions
-        table.add_row(name, str(entry["returned_extractable"]), str(entry["returned_verbatim"]))
+        cells = [name, str(entry["returned_extractable"]), str(entry["returned_verbatim"])]
+        if paired:
+            oracle = entry.get("oracle")
+            cells += ["-", "-"] if oracle is None else [
+                f"{oracle['returned_extractable']} / {oracle['returned_verbatim']}",
+                f"{entry['beyond_oracle_extractable']} / {entry['beyond_oracle_verbatim']}"]
+        table.add_row(*cells)
     return table
 
 

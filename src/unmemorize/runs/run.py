@@ -176,7 +176,8 @@ def unlearn(model_spec: str, sets: dict[str, list[Sequence]], general: list[Sequ
         before.extra["oracle"] = oracle_report(before, oracle_audit)
     # The general text joins the attacks' sets: benign_relearn trains on it when there is no retain set.
     evaluate_audit(after, model, tokenizer, {**sets, "general": general}, settings.audit, runtime,
-                   evaluation.attacks, oracle_audit, token_ids={**token_ids, "general": tokens.general})
+                   evaluation.attacks, oracle_audit, token_ids={**token_ids, "general": tokens.general},
+                   load_options=load_options)
     phases["evaluation"] = time.perf_counter() - tick
 
     run = {

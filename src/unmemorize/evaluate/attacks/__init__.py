@@ -5,6 +5,11 @@ baseline audit of the same model without any attack; `ABOUT` says what each one 
 
 A sequence is "returned" when it is extractable (resp. verbatim) under the attack and was not in the
 baseline. Results name sequences by id and short hash only, never by text.
+
+Against the oracle (`against_oracle`): the same attacks run on a model that never saw the request flag some of
+its records too (an attack tries many readings, and each is calibrated on the holdout, not on the request). A
+record the oracle shows under the same attack is no evidence that the unlearned model remembers it; "beyond the
+oracle" counts the returned records it does not show.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ...errors import InputError
 from ...io.models import Runtime
 from ...io.sets import Sequence
 from ...measure.audit import AuditResult, AuditSettings, audit
+from ...measure.band import EXTRACTABLE
 from .common import AttackContext
 from .gcg import gcg_attack
 from .logit_lens import logit_lens_attack
@@ -168,3 +174,32 @@ def run_attacks(model: nn.Module, tokenizer, sets: dict[str, list[Sequence]], au
         results[name] = ATTACKS[name](ctx)
         results[name]["seconds"] = round(time.perf_counter() - started, 3)
     return results
+
+
+def against_oracle(results: dict, oracle_results: dict) -> None:
+    """Pair every attack in `results` with the same attack on the oracle (`oracle_results`, against the oracle's
+    own audit), record by record (by id):
+
+        oracle_status, oracle_verbatim   the record under the same attack on the oracle
+        beyond_oracle_extractable        returned_extractable, and the oracle under the attack not extractable
+        beyond_oracle_verbatim           returned_verbatim, and the oracle under the attack not verbatim
+
+    and per attack the counts of both and the oracle's own headline numbers (`oracle`). A record the oracle's
+    attack did not measure (relearn audits only the half it did not train on; both split alike) counts as not
+    shown there. Attacks the oracle did not run are left as they are."""
+    for name, result in results.items():
+        theirs = oracle_results.get(name)
+        if theirs is None:
+            continue
+        by_id = {row["id"]: row for row in theirs.get("sequences", [])}
+        for row in result.get("sequences", []):
+            other = by_id.get(row["id"], {})
+            row["oracle_status"], row["oracle_verbatim"] = other.get("status"), bool(other.get("verbatim"))
+            row["beyond_oracle_extractable"] = row["returned_extractable"] and other.get("status") != EXTRACTABLE
+            row["beyond_oracle_verbatim"] = row["returned_verbatim"] and not other.get("verbatim")
+        rows = result.get("sequences", [])
+        result["beyond_oracle_extractable"] = sum(r["beyond_oracle_extractable"] for r in rows)
+        result["beyond_oracle_verbatim"] = sum(r["beyond_oracle_verbatim"] for r in rows)
+        result["oracle"] = {key: theirs.get(key) for key in ("returned_extractable", "returned_verbatim",
+                                                             "extractable", "verbatim", "n", "skipped")
+                            if key in theirs}
