@@ -59,7 +59,10 @@ def row_of(name: str, multiple: float, result: RunResult) -> dict:
             **{k: [u0.get(k), u1.get(k)] for k in ("retain_ma", "general_ppl", "holdout_ppl")},
             "repeated_3gram": [(u.get("generation") or {}).get("repeated_ngram_share") for u in (u0, u1)],
             "stop_reason": run["stop_reason"], "out": str(result.out),
-            "attacks": {attack: [entry["returned_extractable"], entry["returned_verbatim"]]
+            # returned extractable / verbatim, and with the oracle (the default) those beyond what it shows
+            "attacks": {attack: [entry["returned_extractable"], entry["returned_verbatim"],
+                                 *([entry["beyond_oracle_extractable"], entry["beyond_oracle_verbatim"]]
+                                   if "oracle" in entry else [])]
                         for attack, entry in (result.after.extra.get("attacks") or {}).items()}}
 
 
@@ -128,15 +131,20 @@ def print_best(rows: list[dict]) -> None:
 
 
 def print_attacks(rows: list[dict]) -> None:
-    """Per run, what each attack brought back: returned extractable / returned verbatim."""
+    """Per run, what each attack brought back: returned extractable / returned verbatim, and after a colon the
+    same counts beyond what the attack shows on the oracle (when the oracle was attacked too)."""
     attacked = [row for row in rows if row.get("attacks")]
     if not attacked:
         return
     names = list(dict.fromkeys(name for row in attacked for name in row["attacks"]))
-    print("\n## Attacks (returned extractable / verbatim)\n\n| method | lr | " + " | ".join(names) + " |\n"
-          + "|---" * (len(names) + 2) + "|")
+    print("\n## Attacks (returned extractable / verbatim : beyond the oracle)\n\n| method | lr | "
+          + " | ".join(names) + " |\n" + "|---" * (len(names) + 2) + "|")
+
+    def cell(counts: list[int]) -> str:
+        return "/".join(map(str, counts[:2])) + (":" + "/".join(map(str, counts[2:])) if counts[2:] else "")
+
     for row in attacked:
-        cells = ["/".join(str(v) for v in row["attacks"][n]) if n in row["attacks"] else "-" for n in names]
+        cells = [cell(row["attacks"][n]) if n in row["attacks"] else "-" for n in names]
         print(f"| {row['method']} | {row['lr']:.0e} (×{row['multiple']:g}) | " + " | ".join(cells) + " |")
 
 

@@ -35,6 +35,7 @@ def test_unlearn_with_oracle_attacks_and_tasks_writes_everything(evaluated_run, 
         # --oracle with --attacks: the same attacks on the oracle, and what is returned beyond it
         assert "returned_extractable" in entry["oracle"]
         assert 0 <= entry["beyond_oracle_extractable"] <= entry["returned_extractable"]
+    assert "beyond the oracle (extractable / verbatim)" in (out / "report.html").read_text()
     certified = read_json(out / "certificate.json")["attacks"]
     assert {name: a["beyond_oracle_extractable"] for name, a in certified.items()} == {
         name: a["beyond_oracle_extractable"] for name, a in after["attacks"].items()}

@@ -9,6 +9,7 @@ import unmemorize.io.models as models
 import unmemorize.measure.audit as audit_module
 import unmemorize.runs.compare as compare_module
 import unmemorize.runs.run as run_module
+from unmemorize.evaluate.attacks import AttackSettings
 from unmemorize.io.models import make_runtime
 from unmemorize.io.sets import Sequence
 from unmemorize.io.tokens import encode, pad_id_of
@@ -97,4 +98,12 @@ def test_compare_loads_the_model_once_and_audits_the_oracle_once(tiny, tiny_orac
     results = compare(str(tiny["model"]), sets_of(tiny), general(), runs, RUNTIME, tmp_path / "cmp")
     assert loads == [str(tiny["model"]), str(tiny_oracle)]
     assert all("oracle" in r.after.extra for r in results)
+
+    # with --attacks the oracle is attacked too: once for both runs (loaded once more, for the attacks)
+    loads.clear()
+    for settings in runs.values():
+        settings.evaluation.attacks = AttackSettings(attacks=["quantize_8bit"])
+    results = compare(str(tiny["model"]), sets_of(tiny), general(), runs, RUNTIME, tmp_path / "attacked")
+    assert loads == [str(tiny["model"]), str(tiny_oracle), str(tiny_oracle)]
+    assert all("beyond_oracle_extractable" in r.after.extra["attacks"]["quantize_8bit"] for r in results)
     assert results[0].run["input_model"]["sha256"] == results[1].run["input_model"]["sha256"]
