@@ -201,5 +201,6 @@ def against_oracle(results: dict, oracle_results: dict) -> None:
         result["beyond_oracle_extractable"] = sum(r["beyond_oracle_extractable"] for r in rows)
         result["beyond_oracle_verbatim"] = sum(r["beyond_oracle_verbatim"] for r in rows)
         result["oracle"] = {key: theirs.get(key) for key in ("returned_extractable", "returned_verbatim",
-                                                             "extractable", "verbatim", "n", "skipped")
+                                                             "extractable", "verbatim", "n", "skipped",
+                                                             "seconds")
                             if key in theirs}
