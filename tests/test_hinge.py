@@ -17,6 +17,7 @@ from unmemorize.io.models import make_runtime
 from unmemorize.io.sets import Sequence, write_jsonl
 from unmemorize.io.tokens import encode, pad_id_of
 from unmemorize.measure.band import Band, LossBand, calibrate_loss
+from unmemorize.measure.scoring import minkpp_z
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
 from unmemorize.unlearning.context import Batch, Context, StepState
@@ -154,6 +155,53 @@ def test_hinge_loss_against_a_hand_computation(pair):
         expected.append(term + 0.5 * sum(max(m + 2.0, 0.0) for m in right[:flips]) / flips)
     loss = hinge(tokenizer, ma_weight=0.5, delta=2.0).loss(ctx, batch, None)
     assert float(loss.detach()) == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+
+def hand_z(model, ids: list[int]) -> list[float]:
+    """Min-K%++'s z_t for t = 2..T in plain Python, one token at a time."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    values = []
+    for t in range(1, len(ids)):
+        row = logits[t - 1].tolist()
+        top = max(row)
+        norm = top + math.log(sum(math.exp(v - top) for v in row))
+        logp = [v - norm for v in row]
+        mu = sum(math.exp(lp) * lp for lp in logp)
+        sigma = math.sqrt(sum(math.exp(lp) * lp * lp for lp in logp) - mu * mu)
+        values.append((logp[ids[t]] - mu) / sigma)
+    return values
+
+
+def test_minkpp_z_on_a_four_token_vocabulary():
+    logits = torch.tensor([[2.0, 0.5, 1.5, -1.0]])
+    p = [math.exp(v) for v in (2.0, 0.5, 1.5, -1.0)]
+    logp = [math.log(v / sum(p)) for v in p]
+    mu = sum(math.exp(lp) * lp for lp in logp)
+    sigma = math.sqrt(sum(math.exp(lp) * lp * lp for lp in logp) - mu * mu)
+    z = minkpp_z(torch.log_softmax(logits, -1), torch.tensor([1]))
+    assert float(z) == pytest.approx((logp[1] - mu) / sigma, rel=1e-6)
+
+
+def test_the_z_floor_against_a_hand_computation(pair):
+    """Z_i = (1/n_i) sum_t relu(z_floor - z_t), added to the sequence's terms; off by default."""
+    model, tokenizer, forget, _ = pair
+    zs = [hand_z(model, ids) for ids in forget]
+    floor = sorted(z for values in zs for z in values)[len(zs[0])]  # some tokens under it, most not
+    ctx, batch = step_context(model, tokenizer, forget, 0.0, 100.0)  # both inside the loss band: no loss term
+    expected = sum(sum(max(floor - z, 0.0) for z in values) / len(values) for values in zs) / 2
+    assert expected > 0
+    loss = hinge(tokenizer, ma_weight=0, z_floor=floor).loss(ctx, batch, None)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-4)
+    assert float(hinge(tokenizer, ma_weight=0).loss(ctx, batch, None).detach()) == 0.0
+    # its gradient raises the z of the tokens under the floor: one small step lowers the term
+    loss.backward()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param -= 1e-3 * param.grad
+    after = [hand_z(model, ids) for ids in forget]
+    assert sum(sum(max(floor - z, 0.0) for z in values) / len(values) for values in after) / 2 < expected
 
 
 def test_a_sequence_inside_both_bands_gets_no_gradient(pair):

@@ -100,21 +100,28 @@ def score_tokens(model, token_lists: list[list[int]], runtime: Runtime, batch_si
     return results  # type: ignore[return-value]
 
 
+def minkpp_z(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Min-K%++'s per-token score z_t = (log p(x_t) - mu_t) / sigma_t, with mu_t and sigma_t the mean and std of
+    log p(v) for v drawn from p itself: `logprobs` (..., vocab) log-softmax, `targets` (...) the ids x_t.
+    Differentiable (the hinge's z floor trains on it)."""
+    probs = logprobs.exp()
+    mu = (probs * logprobs).sum(-1)
+    sigma = ((probs * logprobs.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()
+    return (logprobs.gather(-1, targets[..., None]).squeeze(-1) - mu) / sigma
+
+
 def _scores_of_row(ids: list[int], logits: torch.Tensor) -> TokenScores:
     """logits: (T-1, V) float32, row t-1 is the distribution over x_{t+1}."""
     targets = torch.tensor(ids[1:], device=logits.device)
     logprobs = torch.log_softmax(logits, dim=-1)
     target_lp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-    probs = logprobs.exp()
-    mu = (probs * logprobs).sum(-1)
-    sigma = ((probs * logprobs.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()
     # torch.argmax returns the first maximal index: ties break to the lowest token id, as SPEC asks.
     greedy = logits.argmax(-1)
     return TokenScores(
         ids=list(ids),
         hits=(greedy == targets).cpu().numpy(),
         logprobs=target_lp.cpu().double().numpy(),
-        minkpp_z=((target_lp - mu) / sigma).cpu().double().numpy(),
+        minkpp_z=minkpp_z(logprobs, targets).cpu().double().numpy(),
         greedy=greedy.cpu().numpy(),
     )
 
