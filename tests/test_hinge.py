@@ -32,6 +32,9 @@ FAST = ["--el-n", "0", "--prefix-tokens", "8", *FLOAT32]
 
 
 def hinge(tokenizer, **args):
+    """The method with `args`; without the z floor unless asked (the hand computations here are of the loss and MA
+    terms; the z floor has its own)."""
+    args.setdefault("z_floor", None)
     settings = UnlearnSettings(method="hinge", method_args=args)
     return settings.spec.build(settings.method_args, tokenizer)[0]
 
