@@ -19,6 +19,7 @@ import pytest
 from unmemorize.io.models import make_runtime
 from unmemorize.io.sets import Sequence
 from unmemorize.report import render_compare_report, render_run_report
+from unmemorize.report.html import attack_cell
 from unmemorize.runs.config import UnlearnSettings
 from unmemorize.runs.run import unlearn
 
@@ -264,3 +265,13 @@ def test_reports_render_in_headless_chromium(pages, tmp_path):
             browser.close()
     assert problems == []
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_an_attack_cell_tells_a_record_the_oracle_shows_too_from_one_beyond_it():
+    row = {"status": "extractable", "verbatim": False, "returned_extractable": True, "returned_verbatim": False}
+    assert attack_cell(row, False) == {"text": "extractable (returned)", "status": "extractable", "returned": True}
+    shown = {**row, "beyond_oracle_extractable": False, "beyond_oracle_verbatim": False}
+    assert attack_cell(shown, False) == {"text": "extractable (returned; the oracle's too)", "status": "extractable",
+                                         "returned": False}
+    beyond = {**row, "beyond_oracle_extractable": True, "beyond_oracle_verbatim": False}
+    assert attack_cell(beyond, False)["text"] == "extractable (returned)" and attack_cell(beyond, False)["returned"]
