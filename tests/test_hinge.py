@@ -44,16 +44,16 @@ def mean_nll(model, ids: list[int]) -> float:
     return -sum(logprobs) / len(logprobs)
 
 
+def logit_rows(model, ids: list[int]) -> list[tuple[list[float], int]]:
+    """(the logits of position t - 1 as plain floats, x_t) for t = 2..T."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    return [(logits[t - 1].tolist(), ids[t]) for t in range(1, len(ids))]
+
+
 def hand_margins(model, ids: list[int]) -> list[float]:
     """z_t[x_t] - max_{v != x_t} z_t[v] for t = 2..T, one token at a time."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-    margins = []
-    for t in range(1, len(ids)):
-        row = logits[t - 1].tolist()
-        true = row[ids[t]]
-        margins.append(true - max(v for k, v in enumerate(row) if k != ids[t]))
-    return margins
+    return [row[x] - max(v for k, v in enumerate(row) if k != x) for row, x in logit_rows(model, ids)]
 
 
 @pytest.fixture
@@ -160,30 +160,26 @@ def test_hinge_loss_against_a_hand_computation(pair):
     assert float(loss.detach()) == pytest.approx(sum(expected) / 2, rel=1e-4)
 
 
+def z_of_row(row: list[float], target: int) -> float:
+    """Min-K%++'s z of one position in plain Python: (log p(x) - mu) / sigma, mu and sigma the mean and std of
+    log p(v) for v drawn from p."""
+    top = max(row)
+    logp = [v - top - math.log(sum(math.exp(w - top) for w in row)) for v in row]
+    mu = sum(math.exp(lp) * lp for lp in logp)
+    sigma = math.sqrt(sum(math.exp(lp) * lp * lp for lp in logp) - mu * mu)
+    return (logp[target] - mu) / sigma
+
+
 def hand_z(model, ids: list[int]) -> list[float]:
-    """Min-K%++'s z_t for t = 2..T in plain Python, one token at a time."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-    values = []
-    for t in range(1, len(ids)):
-        row = logits[t - 1].tolist()
-        top = max(row)
-        norm = top + math.log(sum(math.exp(v - top) for v in row))
-        logp = [v - norm for v in row]
-        mu = sum(math.exp(lp) * lp for lp in logp)
-        sigma = math.sqrt(sum(math.exp(lp) * lp * lp for lp in logp) - mu * mu)
-        values.append((logp[ids[t]] - mu) / sigma)
-    return values
+    """Min-K%++'s z_t for t = 2..T, one token at a time."""
+    return [z_of_row(row, x) for row, x in logit_rows(model, ids)]
 
 
 def test_minkpp_z_on_a_four_token_vocabulary():
-    logits = torch.tensor([[2.0, 0.5, 1.5, -1.0]])
-    p = [math.exp(v) for v in (2.0, 0.5, 1.5, -1.0)]
-    logp = [math.log(v / sum(p)) for v in p]
-    mu = sum(math.exp(lp) * lp for lp in logp)
-    sigma = math.sqrt(sum(math.exp(lp) * lp * lp for lp in logp) - mu * mu)
-    z = minkpp_z(torch.log_softmax(logits, -1), torch.tensor([1]))
-    assert float(z) == pytest.approx((logp[1] - mu) / sigma, rel=1e-6)
+    row = [2.0, 0.5, 1.5, -1.0]
+    z = minkpp_z(torch.log_softmax(torch.tensor([row]), -1), torch.tensor([1]))
+    assert float(z) == pytest.approx(z_of_row(row, 1), rel=1e-6)
+    assert z_of_row(row, 1) == pytest.approx(-1.6869, abs=1e-3)  # by hand: p = (.532, .119, .323, .026)
 
 
 def test_the_z_floor_against_a_hand_computation(pair):
